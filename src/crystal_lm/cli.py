@@ -1,0 +1,210 @@
+"""`crystal`: a thin command line over the package. Verbs follow the parts of the system:
+
+  crystal data prepare RECIPE       build the embedded corpus, tokenizer and packed shards (cached)
+  crystal info RECIPE               model shape and parameter count (built on the meta device), stages
+  crystal train RECIPE --out DIR    run every stage; run again to resume after an interruption
+  crystal eval RUN_DIR|CHECKPOINT   per-domain validation loss of a checkpoint
+  crystal report RUN_DIR            report.md and plots of a run
+  crystal generate CHECKPOINT --prompt TEXT
+  crystal infill CHECKPOINT --prefix TEXT --suffix TEXT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crystal_lm.config import Recipe, RecipeError, load_recipe
+
+
+def _recipe(path: str, cache_dir: str | None) -> Recipe:
+    recipe = load_recipe(path)
+    if cache_dir:
+        recipe.data.cache_dir = cache_dir
+    return recipe
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from crystal_lm.model import build_model, count_parameters
+
+    recipe = load_recipe(args.recipe)
+    m = recipe.model
+    model = build_model(m, recipe.mup, device="meta")
+    n = count_parameters(model)
+    width = m.d_model / recipe.mup.base_width
+    info = {
+        "recipe": recipe.name, "parameters": n,
+        "model": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "head_dim": m.head_dim,
+                  "d_ff": m.ffn_dim, "vocab_size": m.vocab_size, "rotary_dim": m.rotary_dim,
+                  "max_seq_len": m.max_seq_len},
+        "mup": {"width_multiplier": width, "embeddings_scale": recipe.mup.embeddings_scale,
+                "logits_scale": recipe.mup.output_alpha / width, "hidden_lr_scale": 1 / width},
+        "tokens_per_step": recipe.tokens_per_step,
+        "stages": [{"name": s.name, "steps": recipe.stage_steps(s), "tokens": recipe.stage_steps(s)
+                    * recipe.tokens_per_step, "fim_rate": s.fim.rate, "mixture": s.mixture} for s in recipe.stages],
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"recipe {recipe.name}: {n:,} parameters")
+    print(f"  d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads (head dim {m.head_dim}, rotary "
+          f"{m.rotary_dim}), d_ff {m.ffn_dim}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    print(f"  muP: width multiplier {width:g}, logits ×{recipe.mup.output_alpha / width:.6g}, "
+          f"embeddings ×{recipe.mup.embeddings_scale:g}, hidden LR ×{1 / width:.6g}")
+    print(f"  batch {recipe.train.batch_size} × {recipe.data.seq_len} = {recipe.tokens_per_step:,} tokens/step")
+    for s in info["stages"]:
+        print(f"  {s['name']}: {s['steps']:,} steps, {s['tokens']:,} tokens, FIM {s['fim_rate']}, mixture "
+              f"{s['mixture']}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from crystal_lm.data.prepare import prepare_data
+
+    data = prepare_data(_recipe(args.recipe, args.cache_dir))
+    print(json.dumps(data.manifest()["sources"], indent=1))
+    print(f"tokenizer: {data.tokenizer.path} (sha256 {data.tokenizer.sha256[:16]}…, {data.tokenizer.vocab_size} ids)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crystal_lm.train.trainer import train
+
+    summary = train(_recipe(args.recipe, args.cache_dir), args.out)
+    for s in summary["stages"]:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in (s["val_loss"] or {}).items())
+        print(f"{s['name']}: {s['tokens']:,} tokens in {s['wall_s']:.0f}s; val loss {losses}")
+    print(f"run complete: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crystal_lm.data.prepare import prepare_data
+    from crystal_lm.eval.generate import load_checkpoint
+    from crystal_lm.eval.validation import validation_loss
+
+    target = Path(args.target)
+    run_dir = target if (target / "recipe.yaml").is_file() else target.parent.parent
+    recipe = _recipe(args.recipe or str(run_dir / "recipe.yaml"), args.cache_dir)
+    model, _ = load_checkpoint(target)
+    data = prepare_data(recipe)
+    print(json.dumps(validation_loss(model, data.val, recipe), indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from crystal_lm.report.report import write_report
+
+    print(f"report written: {write_report(args.run_dir)}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace):
+    from crystal_lm.eval.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from crystal_lm.eval.generate import generate, load_checkpoint
+
+    model, tok = load_checkpoint(args.checkpoint)
+    print(args.prompt + generate(model, tok, args.prompt, _sampling(args)))
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from crystal_lm.eval.generate import infill, load_checkpoint
+
+    model, tok = load_checkpoint(args.checkpoint)
+    middle = infill(model, tok, args.prefix, args.suffix, _sampling(args), mode=args.mode)
+    if args.json:
+        print(json.dumps({"prefix": args.prefix, "middle": middle, "suffix": args.suffix}))
+    else:
+        print(args.prefix + middle + args.suffix)
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crystal", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="build the corpus, tokenizer and shards of a recipe (cached)")
+    p.add_argument("recipe")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("info", help="parameter count and stages of a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train (or resume) every stage of a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, summary)")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss per domain of a checkpoint (or a run's newest)")
+    p.add_argument("target")
+    p.add_argument("--recipe", help="recipe (default: the run folder's recipe.yaml)")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write report.md and plots for a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", required=True)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
+    p.add_argument("checkpoint")
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--suffix", required=True)
+    p.add_argument("--mode", choices=["psm", "spm"], default="psm")
+    p.add_argument("--json", action="store_true")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_infill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from crystal_lm.data.documents import DataError
+    from crystal_lm.data.shards import ShardError
+    from crystal_lm.data.tokenizer import TokenizerError
+    from crystal_lm.train.checkpoint import CheckpointError
+    from crystal_lm.train.trainer import RunDirError
+
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, ShardError, TokenizerError, CheckpointError, RunDirError,
+            FileNotFoundError) as exc:
+        print(f"crystal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

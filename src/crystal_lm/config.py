@@ -1,0 +1,404 @@
+"""Recipes: YAML files validated into typed configs.
+
+A recipe is data, not code: the model shape, muP constants, data sources and, per stage, the token budget,
+mixture weights, FIM rate and LR schedule. Every key is checked; an unknown or mistyped key, a bad value or a
+missing file is a `RecipeError` that names the file and the key path (for example
+``recipes/tiny.yaml: stages[1].mixture.pyton: unknown source 'pyton' (known: prose, python, ...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and key."""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TokenizerConfig:
+    # Any Hugging Face tokenizer.json (Crystal's own LLaMA-based one, for instance). When absent, a
+    # byte-level BPE is trained on the training split of the recipe's sources.
+    path: str | None = None
+    # Size of the trained BPE before Crystal's 22 added tokens and 10 unused ids (32,000 in Crystal).
+    vocab_size: int = 4064
+    # Bytes read from each source to train the BPE.
+    sample_bytes: int = 2_000_000
+
+
+@dataclass
+class SourceConfig:
+    # Top-level domain the source belongs to ("text" or "code" in Crystal's recipe); validation loss is
+    # reported per source and per domain.
+    domain: str
+    # A part of the embedded corpus (prose, technical, python, web), built from pip / the Python install.
+    embedded: str | None = None
+    # Or user data: a JSONL file, a glob of them, or a directory of source files.
+    path: str | None = None
+    format: Literal["jsonl", "files"] | None = None
+    text_field: str = "text"
+    extensions: list[str] | None = None
+    # Stop reading the source after this many bytes of text (None = all of it).
+    max_bytes: int | None = None
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig]
+    seq_len: int = 2048
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Share of each source's documents held out for validation (chosen by a hash of the document id).
+    val_fraction: float = 0.02
+    # Validation samples per source used for the per-domain loss at each checkpoint.
+    val_max_samples: int = 64
+    # Where corpora, tokenizers and shards are cached (relative paths are relative to the working dir).
+    cache_dir: str = ".cache/crystal-lm"
+    # Byte budget for each embedded corpus part (None = everything the source has).
+    embedded_max_bytes: int | None = None
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_seq_len: int = 2048
+    # Crystal: floor(8/3 * d_model) = 10,922 for d_model 4096.
+    d_ff: int | None = None
+    rotary_pct: float = 0.25
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else int(8 * self.d_model / 3)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+
+@dataclass
+class MupConfig:
+    # Width of the proxy model the hyper-parameters were tuned on (Crystal/BTLM: 256).
+    base_width: int = 256
+    init_std: float = 0.073
+    embeddings_scale: float = 14.6
+    output_alpha: float = 2.22
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimizerConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-9
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LRConfig:
+    """Crystal's schedule: linear warmup from 0 to `peak`, then linear decay towards `end` over `decay_steps`.
+
+    `decay_steps` may exceed the stage (Crystal stage 1 stops mid-decay). With `continue_previous` the stage
+    re-warms to the LR the previous stage reached and keeps its slope (Crystal stage 2). Values are the base
+    LR (embeddings, biases, norms); hidden matrices get base / width multiplier (muP).
+    """
+
+    warmup_steps: int = 0
+    peak: float | None = None
+    end: float | None = None
+    decay_steps: int | None = None
+    continue_previous: bool = False
+
+
+@dataclass
+class FimConfig:
+    rate: float = 0.0
+    spm_rate: float = 0.5
+    # Sources of these domains are FIM'd (Crystal: StarCoder code only, never SlimPajama)...
+    domains: list[str] = field(default_factory=lambda: ["code"])
+    # ...or, when given, exactly these sources.
+    sources: list[str] | None = None
+
+    def applies_to(self, source: str, domain: str) -> bool:
+        return self.rate > 0 and (source in self.sources if self.sources is not None else domain in self.domains)
+
+
+@dataclass
+class StageConfig:
+    name: str
+    tokens: int
+    mixture: dict[str, float]
+    lr: LRConfig
+    fim: FimConfig = field(default_factory=FimConfig)
+    checkpoint_every: int = 1000
+    # Crystal stage 3: weights only from the previous stage, fresh optimizer state.
+    reset_optimizer: bool = False
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int
+    micro_batch_size: int | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # CPU threads for torch (None = torch's default).
+    threads: int | None = None
+    log_every: int = 1
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    stages: list[StageConfig]
+    description: str = ""
+    seed: int = 1
+    mup: MupConfig = field(default_factory=MupConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Set by `load_recipe`: the file it came from (for error messages and relative paths).
+    source_file: str | None = field(default=None, metadata={"internal": True})
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.data.seq_len
+
+    def stage_steps(self, stage: StageConfig) -> int:
+        return max(1, stage.tokens // self.tokens_per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source_file", None)
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what a run computes (used to refuse resuming another recipe)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source_file is None:
+            return p
+        return Path(self.source_file).resolve().parent / p
+
+
+# ------------------------------------------------------------------------------------ generic loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise RecipeError(
+            f"{prefix}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{prefix}{name}: required key is missing")
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ semantic checks
+
+
+def _validate(recipe: Recipe) -> None:
+    d, m = recipe.data, recipe.model
+    if not recipe.stages:
+        raise RecipeError("stages: at least one stage is required")
+    if not d.sources:
+        raise RecipeError("data.sources: at least one source is required")
+    for name, src in d.sources.items():
+        where = f"data.sources.{name}"
+        if (src.embedded is None) == (src.path is None):
+            raise RecipeError(f"{where}: give exactly one of 'embedded' or 'path'")
+        if src.embedded is not None:
+            from crystal_lm.data.corpus import EMBEDDED_PARTS
+
+            if src.embedded not in EMBEDDED_PARTS:
+                raise RecipeError(
+                    f"{where}.embedded: unknown part {src.embedded!r} (known: {', '.join(EMBEDDED_PARTS)})"
+                )
+    for key, value in (("data.seq_len", d.seq_len), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                       ("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),
+                       ("train.batch_size", recipe.train.batch_size), ("mup.base_width", recipe.mup.base_width)):
+        if value <= 0:
+            raise RecipeError(f"{key}: must be positive, got {value}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise RecipeError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if m.d_model % m.n_heads:
+        raise RecipeError(f"model.n_heads: {m.n_heads} does not divide model.d_model {m.d_model}")
+    if m.rotary_dim % 2:
+        raise RecipeError(f"model.rotary_pct: rotary dims per head ({m.rotary_dim}) must be even")
+    if d.seq_len > m.max_seq_len:
+        raise RecipeError(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    mb = recipe.train.micro_batch_size
+    if mb is not None and (mb <= 0 or recipe.train.batch_size % mb):
+        raise RecipeError(f"train.micro_batch_size: {mb} must be positive and divide train.batch_size "
+                          f"{recipe.train.batch_size}")
+    names = set()
+    for i, st in enumerate(recipe.stages):
+        where = f"stages[{i}]"
+        if st.name in names:
+            raise RecipeError(f"{where}.name: duplicate stage name {st.name!r}")
+        names.add(st.name)
+        if st.tokens <= 0:
+            raise RecipeError(f"{where}.tokens: must be positive, got {st.tokens}")
+        if st.checkpoint_every <= 0:
+            raise RecipeError(f"{where}.checkpoint_every: must be positive, got {st.checkpoint_every}")
+        if not st.mixture:
+            raise RecipeError(f"{where}.mixture: empty mixture; give at least one source with a positive weight")
+        for src, w in st.mixture.items():
+            if src not in d.sources:
+                raise RecipeError(f"{where}.mixture.{src}: unknown source {src!r} "
+                                  f"(known: {', '.join(sorted(d.sources))})")
+            if w < 0:
+                raise RecipeError(f"{where}.mixture.{src}: weight must not be negative, got {w}")
+        if sum(st.mixture.values()) <= 0:
+            raise RecipeError(f"{where}.mixture: weights sum to zero")
+        for src in st.fim.sources or []:
+            if src not in d.sources:
+                raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
+        if not 0.0 <= st.fim.rate <= 1.0 or not 0.0 <= st.fim.spm_rate <= 1.0:
+            raise RecipeError(f"{where}.fim: rate and spm_rate must lie in [0, 1]")
+        lr = st.lr
+        if lr.continue_previous:
+            if i == 0:
+                raise RecipeError(f"{where}.lr.continue_previous: the first stage has no previous stage")
+            if lr.peak is not None or lr.end is not None or lr.decay_steps is not None:
+                raise RecipeError(f"{where}.lr: continue_previous takes peak, end and decay_steps from the "
+                                  "previous stage; remove them")
+        elif lr.peak is None or lr.peak <= 0:
+            raise RecipeError(f"{where}.lr.peak: a positive peak LR is required")
+        if lr.end is not None and lr.end < 0:
+            raise RecipeError(f"{where}.lr.end: must not be negative")
+        if lr.warmup_steps < 0 or (lr.decay_steps is not None and lr.decay_steps <= 0):
+            raise RecipeError(f"{where}.lr: warmup_steps must be >= 0 and decay_steps > 0")
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Check that every user data path and tokenizer file exists (needed for data work, not for `info`)."""
+    for name, src in recipe.data.sources.items():
+        if src.path is None:
+            continue
+        p = recipe.resolve_path(src.path)
+        if not any(p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else not p.exists():
+            raise RecipeError(f"{recipe.source_file}: data.sources.{name}.path: {p} does not exist")
+    tok = recipe.data.tokenizer.path
+    if tok is not None and not recipe.resolve_path(tok).is_file():
+        raise RecipeError(f"{recipe.source_file}: data.tokenizer.path: {recipe.resolve_path(tok)} does not exist")
+
+
+def recipe_from_dict(data: Any, source_file: str | None = None) -> Recipe:
+    label = source_file or "<recipe>"
+    try:
+        recipe = _from_dict(Recipe, data, "")
+        recipe.source_file = source_file
+        _validate(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{label}: {exc}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    return recipe_from_dict(data, str(path))

@@ -1,0 +1,140 @@
+"""The Crystal transformer (crystal-spec §1), written to read like the spec.
+
+Pre-LN blocks with LayerNorm (with bias), biases on q/k/v/out/up/gate/down, GPT-J "interleaved" rotary on the
+first 25% of each head's dims, SwiGLU `up ⊙ SiLU(gate)`, tied embeddings, no dropout, plain causal attention
+over the whole packed window. The muP pieces of the forward pass (×α_in on embeddings, ×α_out/m_d on logits,
+q·kᵀ/d_head) live here too because they are part of the function the model computes; initialisation and
+per-group learning rates are in `crystal_lm.model.mup`. The model knows nothing of parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crystal_lm.config import ModelConfig, MupConfig
+from crystal_lm.model.loss import linear_cross_entropy
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def rotary_tables(rotary_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, rotary_dim/2] for the given positions (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-J rotary on the first `2*cos.shape[-1]` dims of each head: rotate pairs (0,1), (2,3), ...
+
+    x: [B, H, T, D]; cos/sin: [T, R/2]. Dims past the rotary part pass through unchanged.
+    """
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    even, odd = x_rot[..., 0::2].float(), x_rot[..., 1::2].float()
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.head_dim, cfg.rotary_dim
+        self.theta = cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.rotary_dim:
+            cos, sin = rotary_tables(self.rotary_dim, positions, self.theta)
+            q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        # muP: scores are q·kᵀ / d_head, not / sqrt(d_head). A cached prefix makes the mask rectangular.
+        past = k.shape[2] - T
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
+        else:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(y), (k, v)
+
+
+class SwiGLU(nn.Module):
+    """out = down(up(x) ⊙ SiLU(gate(x))); HF names: up = c_fc, gate = c_fc2, down = mlp.c_proj."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=True)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=True)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None):
+        a, new_cache = self.attn(self.ln_1(x), positions, cache)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, new_cache
+
+
+class CrystalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, mup: MupConfig) -> None:
+        super().__init__()
+        self.cfg, self.mup = cfg, mup
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        # muP multipliers: α_in on embeddings; α_out / m_d on logits (tied head, no bias).
+        self.embeddings_scale = mup.embeddings_scale
+        self.logits_scale = mup.output_alpha * mup.base_width / cfg.d_model
+
+    @property
+    def width_multiplier(self) -> float:
+        return self.cfg.d_model / self.mup.base_width
+
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        past = cache[0][0].shape[2] if cache else 0
+        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) * self.embeddings_scale
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, positions, cache[i] if cache else None)
+            new_cache.append(kv)
+        return self.ln_f(x), new_cache
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.wte.weight) * self.logits_scale
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        hidden, new_cache = self.hidden_states(tokens, cache)
+        return self.logits(hidden), new_cache
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Crystal's loss: Σ mask·CE / (B·T), i.e. divided by all positions, not by unmasked ones."""
+        hidden, _ = self.hidden_states(tokens)
+        return linear_cross_entropy(hidden, self.wte.weight, labels, loss_mask, self.logits_scale)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

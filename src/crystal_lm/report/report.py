@@ -1,0 +1,144 @@
+"""The run report: how each stage moved the model (plots against tokens seen, stage boundaries marked)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from crystal_lm.train.metrics import read_jsonl  # noqa: E402
+
+TOP_DOMAINS = ("text", "code")
+
+
+def _stage_bounds(metrics: list[dict]) -> list[tuple[str, float, float]]:
+    bounds: dict[str, list[float]] = {}
+    for m in metrics:
+        lo, hi = bounds.setdefault(m["stage"], [m["tokens"], m["tokens"]])
+        bounds[m["stage"]] = [min(lo, m["tokens"]), max(hi, m["tokens"])]
+    return [(name, lo, hi) for name, (lo, hi) in bounds.items()]
+
+
+def _mark_stages(ax, bounds: list[tuple[str, float, float]]) -> None:
+    for i, (name, lo, hi) in enumerate(bounds):
+        if i:
+            ax.axvline(lo, color="grey", linestyle="--", linewidth=0.8)
+        ax.axvspan(lo, hi, color=f"C{i}", alpha=0.06)
+        ax.text((lo + hi) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8, color="dimgrey")
+
+
+def _ema(values: list[float], alpha: float = 0.05) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return out
+
+
+def plot_training_loss(metrics: list[dict], bounds, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    x = [m["tokens"] for m in metrics]
+    y = [m["loss"] for m in metrics]
+    ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8, label="per step")
+    ax.plot(x, _ema(y), color="C0", linewidth=1.6, label="smoothed")
+    _mark_stages(ax, bounds)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training loss")
+    lo = min(_ema(y)) if y else 0
+    ax.set_ylim(max(0.0, lo - 0.5), min(max(y), lo + 6) if y else 1)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    keys = sorted({k for e in evals for k in e["val_loss"]}, key=lambda k: (k not in TOP_DOMAINS, k))
+    x = [e["tokens"] for e in evals]
+    for i, k in enumerate(keys):
+        top = k in TOP_DOMAINS
+        ax.plot(x, [e["val_loss"].get(k) for e in evals], marker="o" if top else None, markersize=3,
+                linewidth=2.0 if top else 1.0, linestyle="-" if top else ":", color=f"C{i}", label=k)
+    _mark_stages(ax, bounds)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("validation loss (held-out)")
+    ax.legend(loc="upper right", ncol=2, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    x = [m["tokens"] for m in metrics]
+    for group in (metrics[0]["lr"] if metrics else {}):
+        ax.plot(x, [m["lr"][group] for m in metrics], label=group)
+    _mark_stages(ax, bounds)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("learning rate")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` and its PNG plots into RUN_DIR (from metrics.jsonl, eval.jsonl, summary.json)."""
+    run_dir = Path(run_dir)
+    metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
+    if not metrics:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl records; is this a run folder?")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": []}
+    bounds = _stage_bounds(metrics)
+    plot_training_loss(metrics, bounds, run_dir / "train_loss.png")
+    plot_validation_loss(evals, bounds, run_dir / "val_loss.png")
+    plot_learning_rate(metrics, bounds, run_dir / "learning_rate.png")
+
+    domains = sorted({k for e in evals for k in e["val_loss"]}, key=lambda k: (k not in TOP_DOMAINS, k))
+    lines = [f"# Run report: {summary.get('recipe', run_dir.name)}", ""]
+    if not summary.get("complete"):
+        lines += ["*The run is not complete; figures cover what has been trained so far.*", ""]
+    lines += ["## Stages", "", "| stage | tokens | wall (s) | mixture | FIM |", "|---|---:|---:|---|---:|"]
+    for s in summary["stages"]:
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in _normalised(s["mixture"]).items())
+        lines.append(f"| {s['name']} | {s['tokens']:,} | {s['wall_s']:.0f} | {mix} | {s['fim_rate']} |")
+    lines += ["", "## Validation loss at the end of each stage", "",
+              "| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    start = evals[0]["val_loss"] if evals else {}
+    prev = None
+    for s in summary["stages"]:
+        lines.append(f"| {s['name']} | " + " | ".join(_fmt((s["val_loss"] or {}).get(d)) for d in domains) + " |")
+    lines += ["", "Change over each stage (end of stage vs end of the one before; stage 1 vs its first "
+              "checkpoint):", "", "| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for s in summary["stages"]:
+        end = s["val_loss"] or {}
+        base = prev if prev is not None else start
+        cells = [f"{(end[d] - base[d]) / base[d]:+.1%}" if d in end and d in base else "–" for d in domains]
+        lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+        prev = end or prev
+    lines += ["", "## Plots", "", "![training loss](train_loss.png)", "",
+              "![validation loss per domain](val_loss.png)", "", "![learning rate per muP group](learning_rate.png)",
+              "", f"Checkpoints: {len(evals)} evaluated; logs: `metrics.jsonl` (every step), `eval.jsonl` "
+              "(every checkpoint)."]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _normalised(mixture: dict[str, float]) -> dict[str, float]:
+    total = sum(mixture.values())
+    return {k: v / total for k, v in mixture.items()}

@@ -1,0 +1,131 @@
+"""Checkpoints named like Crystal's (`phase{N}_checkpoint_{step:06d}`: name order is time order).
+
+A checkpoint folder holds the model (`model.safetensors`), optimizer state and RNG (`optimizer.pt`), the
+trainer state (`state.json`), what is needed to use it alone (`config.json`, `tokenizer.json`) and
+`checksums.json`. It is written to a temporary folder, completed with a `COMPLETE` marker and renamed into
+place, so an interruption never leaves a partial checkpoint under a real name; on load, the marker and every
+checksum are checked, and a damaged checkpoint is skipped for the previous good one with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+NAME_RE = re.compile(r"^phase(\d+)_checkpoint_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    stage_index: int = 0
+    step: int = 0  # optimizer steps completed in the stage
+    global_step: int = 0
+    tokens_seen: int = 0
+    stage_wall_s: dict[str, float] = field(default_factory=dict)
+    recipe_fingerprint: str = ""
+    val_loss: dict[str, float] | None = None
+
+
+def checkpoint_name(stage_index: int, step: int) -> str:
+    return f"phase{stage_index + 1}_checkpoint_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: TrainState, config: dict[str, Any], tokenizer_path: Path) -> Path:
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "crystal-lm"})
+    torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "torch_rng": torch.get_rng_state()},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1) + "\n")
+    with open(tmp / "COMPLETE", "w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if directory.exists():  # re-saving the same step after a resume
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def verify_checkpoint(directory: Path) -> None:
+    directory = Path(directory)
+    if not (directory / "COMPLETE").is_file():
+        raise CheckpointError(f"{directory}: no COMPLETE marker (interrupted while saving)")
+    try:
+        sums = json.loads((directory / "checksums.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory}: unreadable checksums.json ({exc})") from None
+    for name, digest in sums.items():
+        p = directory / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not Path(root).is_dir():
+        return []
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", path.name, exc)
+    return None
+
+
+def load_state(directory: Path) -> TrainState:
+    return TrainState(**json.loads((Path(directory) / "state.json").read_text()))
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    tensors = load_file(str(Path(directory) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+
+
+def load_optimizer(directory: Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / "optimizer.pt", weights_only=True)
+
+
+def clean_partial(root: Path) -> None:
+    """Remove temporary folders left by a save that was killed."""
+    if Path(root).is_dir():
+        for p in Path(root).glob(".*.tmp*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""Run logs: JSONL files that survive interruption, and a progress line with tokens/s and ETA."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log; a last line cut by a kill is ignored."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+class JsonlLog:
+    """Append-only JSONL log, flushed per record. `truncate_after` drops records past a resume point."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file: TextIO = open(self.path, "a")
+
+    def truncate_after(self, global_step: int) -> None:
+        keep = [r for r in read_jsonl(self.path) if r.get("global_step", 0) <= global_step]
+        self.file.close()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One status line: stage, step, loss, tokens/s, ETA over all stages. Redrawn on a terminal, printed
+    every `every_s` seconds otherwise (logs, CI)."""
+
+    def __init__(self, total_steps: int, done_steps: int, stream: TextIO = sys.stderr, every_s: float = 10.0):
+        self.total, self.done = total_steps, done_steps
+        self.stream, self.every_s = stream, every_s
+        self.tty = stream.isatty()
+        self.start = time.time()
+        self.start_done = done_steps
+        self.last_print = 0.0
+
+    def update(self, stage: str, step: int, stage_steps: int, loss: float, tokens_per_s: float) -> None:
+        self.done += 1
+        now = time.time()
+        rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.done / self.total
+        line = (f"[{pct:5.1f}%] {stage} step {step}/{stage_steps} | loss {loss:.3f} | "
+                f"{tokens_per_s:,.0f} tok/s | ETA {_hms(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif now - self.last_print >= self.every_s or self.done == self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_print = now
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * 100 + "\r")
+        self.stream.write(text + "\n")
+        self.stream.flush()
