@@ -1,12 +1,12 @@
 """`crystal`: a thin command line over the package. Verbs follow the parts of the system:
 
-  crystal data prepare RECIPE       build the embedded corpus, tokenizer and packed shards (cached)
-  crystal info RECIPE               model shape and parameter count (built on the meta device), stages
-  crystal train RECIPE --out DIR    run every stage; run again to resume after an interruption
-  crystal eval RUN_DIR|CHECKPOINT   per-domain validation loss of a checkpoint
-  crystal report RUN_DIR            report.md and plots of a run
-  crystal generate CHECKPOINT --prompt TEXT
-  crystal infill CHECKPOINT --prefix TEXT --suffix TEXT
+crystal data prepare RECIPE       build the embedded corpus, tokenizer and packed shards (cached)
+crystal info RECIPE               model shape and parameter count (built on the meta device), stages
+crystal train RECIPE --out DIR    run every stage; run again to resume after an interruption
+crystal eval RUN_DIR|CHECKPOINT   per-domain validation loss of a checkpoint
+crystal report RUN_DIR            report.md and plots of a run
+crystal generate CHECKPOINT --prompt TEXT
+crystal infill CHECKPOINT --prefix TEXT --suffix TEXT
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crystal_lm.config import Recipe, RecipeError, load_recipe
+from crystal_lm.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 
 
 def _recipe(path: str, cache_dir: str | None) -> Recipe:
@@ -36,28 +36,56 @@ def cmd_info(args: argparse.Namespace) -> int:
     n = count_parameters(model)
     width = m.d_model / recipe.mup.base_width
     info = {
-        "recipe": recipe.name, "parameters": n,
-        "model": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "head_dim": m.head_dim,
-                  "d_ff": m.ffn_dim, "vocab_size": m.vocab_size, "rotary_dim": m.rotary_dim,
-                  "max_seq_len": m.max_seq_len},
-        "mup": {"width_multiplier": width, "embeddings_scale": recipe.mup.embeddings_scale,
-                "logits_scale": recipe.mup.output_alpha / width, "hidden_lr_scale": 1 / width},
+        "recipe": recipe.name,
+        "parameters": n,
+        "model": {
+            "d_model": m.d_model,
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "head_dim": m.head_dim,
+            "d_ff": m.ffn_dim,
+            "vocab_size": m.vocab_size,
+            "rotary_dim": m.rotary_dim,
+            "max_seq_len": m.max_seq_len,
+        },
+        "mup": {
+            "width_multiplier": width,
+            "embeddings_scale": recipe.mup.embeddings_scale,
+            "logits_scale": recipe.mup.output_alpha / width,
+            "hidden_lr_scale": 1 / width,
+        },
         "tokens_per_step": recipe.tokens_per_step,
-        "stages": [{"name": s.name, "steps": recipe.stage_steps(s), "tokens": recipe.stage_steps(s)
-                    * recipe.tokens_per_step, "fim_rate": s.fim.rate, "mixture": s.mixture} for s in recipe.stages],
+        "stages": [
+            {
+                "name": s.name,
+                "steps": recipe.stage_steps(s),
+                "tokens": recipe.stage_steps(s) * recipe.tokens_per_step,
+                "fim_rate": s.fim.rate,
+                "mixture": s.mixture,
+            }
+            for s in recipe.stages
+        ],
     }
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     print(f"recipe {recipe.name}: {n:,} parameters")
-    print(f"  d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads (head dim {m.head_dim}, rotary "
-          f"{m.rotary_dim}), d_ff {m.ffn_dim}, vocab {m.vocab_size}, context {m.max_seq_len}")
-    print(f"  muP: width multiplier {width:g}, logits ×{recipe.mup.output_alpha / width:.6g}, "
-          f"embeddings ×{recipe.mup.embeddings_scale:g}, hidden LR ×{1 / width:.6g}")
-    print(f"  batch {recipe.train.batch_size} × {recipe.data.seq_len} = {recipe.tokens_per_step:,} tokens/step")
+    print(
+        f"  d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads (head dim {m.head_dim}, rotary "
+        f"{m.rotary_dim}), d_ff {m.ffn_dim}, vocab {m.vocab_size}, context {m.max_seq_len}"
+    )
+    print(
+        f"  muP: width multiplier {width:g}, logits ×{recipe.mup.output_alpha / width:.6g}, "
+        f"embeddings ×{recipe.mup.embeddings_scale:g}, hidden LR ×{1 / width:.6g}"
+    )
+    print(
+        f"  batch {recipe.train.batch_size} × {recipe.data.seq_len} = {recipe.tokens_per_step:,} tokens/step"
+    )
     for s in info["stages"]:
-        print(f"  {s['name']}: {s['steps']:,} steps, {s['tokens']:,} tokens, FIM {s['fim_rate']}, mixture "
-              f"{s['mixture']}")
+        print(
+            f"  {s['name']}: {s['steps']:,} steps, {s['tokens']:,} tokens, FIM {s['fim_rate']}, mixture "
+            f"{s['mixture']}"
+        )
     return 0
 
 
@@ -66,7 +94,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     data = prepare_data(_recipe(args.recipe, args.cache_dir))
     print(json.dumps(data.manifest()["sources"], indent=1))
-    print(f"tokenizer: {data.tokenizer.path} (sha256 {data.tokenizer.sha256[:16]}…, {data.tokenizer.vocab_size} ids)")
+    print(
+        f"tokenizer: {data.tokenizer.path} (sha256 {data.tokenizer.sha256[:16]}…, {data.tokenizer.vocab_size} ids)"
+    )
     return 0
 
 
@@ -87,8 +117,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from crystal_lm.eval.validation import validation_loss
 
     target = Path(args.target)
-    run_dir = target if (target / "recipe.yaml").is_file() else target.parent.parent
-    recipe = _recipe(args.recipe or str(run_dir / "recipe.yaml"), args.cache_dir)
+    if args.recipe:
+        recipe = _recipe(args.recipe, args.cache_dir)
+    else:  # the recipe the run was trained with, as recorded in its folder
+        run_dir = target if (target / "recipe.json").is_file() else target.parent.parent
+        if not (run_dir / "recipe.json").is_file():
+            raise FileNotFoundError(f"{target}: no recipe.json in its run folder; pass --recipe")
+        record = json.loads((run_dir / "recipe.json").read_text())
+        recipe = recipe_from_dict(record["recipe"], record.get("source_file"))
+        if args.cache_dir:
+            recipe.data.cache_dir = args.cache_dir
     model, _ = load_checkpoint(target)
     data = prepare_data(recipe)
     print(json.dumps(validation_loss(model, data.val, recipe), indent=1))
@@ -105,8 +143,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace):
     from crystal_lm.eval.generate import Sampling
 
-    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p, seed=args.seed)
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -138,8 +181,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crystal", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="crystal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -189,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     from crystal_lm.data.documents import DataError
     from crystal_lm.data.shards import ShardError
     from crystal_lm.data.tokenizer import TokenizerError
@@ -198,8 +244,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, DataError, ShardError, TokenizerError, CheckpointError, RunDirError,
-            FileNotFoundError) as exc:
+    except (
+        RecipeError,
+        DataError,
+        ShardError,
+        TokenizerError,
+        CheckpointError,
+        RunDirError,
+        FileNotFoundError,
+    ) as exc:
         print(f"crystal: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -145,7 +145,9 @@ class FimConfig:
     sources: list[str] | None = None
 
     def applies_to(self, source: str, domain: str) -> bool:
-        return self.rate > 0 and (source in self.sources if self.sources is not None else domain in self.domains)
+        return self.rate > 0 and (
+            source in self.sources if self.sources is not None else domain in self.domains
+        )
 
 
 @dataclass
@@ -227,7 +229,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except RecipeError as exc:
                 errors.append(str(exc))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(
+            errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}"
+        )
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
@@ -241,7 +245,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")
@@ -280,9 +286,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise RecipeError(
-            f"{prefix}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})"
-        )
+        raise RecipeError(f"{prefix}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -312,9 +316,15 @@ def _validate(recipe: Recipe) -> None:
                 raise RecipeError(
                     f"{where}.embedded: unknown part {src.embedded!r} (known: {', '.join(EMBEDDED_PARTS)})"
                 )
-    for key, value in (("data.seq_len", d.seq_len), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
-                       ("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),
-                       ("train.batch_size", recipe.train.batch_size), ("mup.base_width", recipe.mup.base_width)):
+    for key, value in (
+        ("data.seq_len", d.seq_len),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.vocab_size", m.vocab_size),
+        ("train.batch_size", recipe.train.batch_size),
+        ("mup.base_width", recipe.mup.base_width),
+    ):
         if value <= 0:
             raise RecipeError(f"{key}: must be positive, got {value}")
     if not 0.0 <= d.val_fraction < 1.0:
@@ -327,8 +337,10 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
     mb = recipe.train.micro_batch_size
     if mb is not None and (mb <= 0 or recipe.train.batch_size % mb):
-        raise RecipeError(f"train.micro_batch_size: {mb} must be positive and divide train.batch_size "
-                          f"{recipe.train.batch_size}")
+        raise RecipeError(
+            f"train.micro_batch_size: {mb} must be positive and divide train.batch_size "
+            f"{recipe.train.batch_size}"
+        )
     names = set()
     for i, st in enumerate(recipe.stages):
         where = f"stages[{i}]"
@@ -340,11 +352,14 @@ def _validate(recipe: Recipe) -> None:
         if st.checkpoint_every <= 0:
             raise RecipeError(f"{where}.checkpoint_every: must be positive, got {st.checkpoint_every}")
         if not st.mixture:
-            raise RecipeError(f"{where}.mixture: empty mixture; give at least one source with a positive weight")
+            raise RecipeError(
+                f"{where}.mixture: empty mixture; give at least one source with a positive weight"
+            )
         for src, w in st.mixture.items():
             if src not in d.sources:
-                raise RecipeError(f"{where}.mixture.{src}: unknown source {src!r} "
-                                  f"(known: {', '.join(sorted(d.sources))})")
+                raise RecipeError(
+                    f"{where}.mixture.{src}: unknown source {src!r} (known: {', '.join(sorted(d.sources))})"
+                )
             if w < 0:
                 raise RecipeError(f"{where}.mixture.{src}: weight must not be negative, got {w}")
         if sum(st.mixture.values()) <= 0:
@@ -359,8 +374,10 @@ def _validate(recipe: Recipe) -> None:
             if i == 0:
                 raise RecipeError(f"{where}.lr.continue_previous: the first stage has no previous stage")
             if lr.peak is not None or lr.end is not None or lr.decay_steps is not None:
-                raise RecipeError(f"{where}.lr: continue_previous takes peak, end and decay_steps from the "
-                                  "previous stage; remove them")
+                raise RecipeError(
+                    f"{where}.lr: continue_previous takes peak, end and decay_steps from the "
+                    "previous stage; remove them"
+                )
         elif lr.peak is None or lr.peak <= 0:
             raise RecipeError(f"{where}.lr.peak: a positive peak LR is required")
         if lr.end is not None and lr.end < 0:
@@ -379,7 +396,9 @@ def check_paths(recipe: Recipe) -> None:
             raise RecipeError(f"{recipe.source_file}: data.sources.{name}.path: {p} does not exist")
     tok = recipe.data.tokenizer.path
     if tok is not None and not recipe.resolve_path(tok).is_file():
-        raise RecipeError(f"{recipe.source_file}: data.tokenizer.path: {recipe.resolve_path(tok)} does not exist")
+        raise RecipeError(
+            f"{recipe.source_file}: data.tokenizer.path: {recipe.resolve_path(tok)} does not exist"
+        )
 
 
 def recipe_from_dict(data: Any, source_file: str | None = None) -> Recipe:

@@ -42,16 +42,14 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     for file in _jsonl_files(path):
-        with open(file, encoding="utf-8", errors="strict") as f:
-            lineno = 0
-            while True:
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"{file}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
-                if not line:
-                    break
-                lineno += 1
+                    raise DataError(
+                        f"{file}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -59,8 +57,10 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{file}:{lineno}: malformed JSON ({exc.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{file}:{lineno}: no string field {text_field!r} (set the source's "
-                                    "text_field to the field that holds the document)")
+                    raise DataError(
+                        f"{file}:{lineno}: no string field {text_field!r} (set the source's "
+                        "text_field to the field that holds the document)"
+                    )
                 doc_id = str(record.get("id", f"{file.name}:{lineno}"))
                 yield Document(doc_id, record[text_field])
 
@@ -104,8 +104,17 @@ def iter_source(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> Ite
 def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> str:
     """What identifies a source's content: the corpus hash, or user files' paths, sizes and mtimes."""
     src = recipe.data.sources[name]
-    h = hashlib.sha256(json.dumps({"max_bytes": src.max_bytes, "field": src.text_field,
-                                   "ext": src.extensions, "format": src.format}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "max_bytes": src.max_bytes,
+                "field": src.text_field,
+                "ext": src.extensions,
+                "format": src.format,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     if src.embedded is not None:
         assert corpus is not None
         h.update(corpus.part_sha256(src.embedded).encode())

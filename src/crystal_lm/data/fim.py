@@ -30,16 +30,19 @@ class FimResult:
     n_fim_segments: int
 
 
-def permute_segment(segment: np.ndarray, tok: Tokenizer, rng: np.random.Generator, rate: float,
-                    spm_rate: float) -> tuple[np.ndarray, bool]:
+def permute_segment(
+    segment: np.ndarray, tok: Tokenizer, rng: np.random.Generator, rate: float, spm_rate: float
+) -> tuple[np.ndarray, bool]:
     if rng.random() >= rate:
         return segment, False
     text = tok.decode(segment.tolist())
     lo, hi = sorted(rng.integers(0, len(text) + 1, size=2).tolist())
-    prefix, middle, suffix = (np.asarray(tok.encode(piece), dtype=np.int64)
-                              for piece in (text[:lo], text[lo:hi], text[hi:]))
-    pre, mid, suf = (np.asarray([t], dtype=np.int64)
-                     for t in (tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id))
+    prefix, middle, suffix = (
+        np.asarray(tok.encode(piece), dtype=np.int64) for piece in (text[:lo], text[lo:hi], text[hi:])
+    )
+    pre, mid, suf = (
+        np.asarray([t], dtype=np.int64) for t in (tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id)
+    )
     if rng.random() < spm_rate:
         parts = (pre, suf, suffix, mid, prefix, middle)
     else:
@@ -47,8 +50,9 @@ def permute_segment(segment: np.ndarray, tok: Tokenizer, rng: np.random.Generato
     return np.concatenate(parts), True
 
 
-def apply_fim(input_ids: np.ndarray, tok: Tokenizer, rng: np.random.Generator, rate: float,
-              spm_rate: float) -> FimResult:
+def apply_fim(
+    input_ids: np.ndarray, tok: Tokenizer, rng: np.random.Generator, rate: float, spm_rate: float
+) -> FimResult:
     L = len(input_ids)
     eos = tok.eos_id
     pieces: list[np.ndarray] = []

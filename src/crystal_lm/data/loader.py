@@ -35,9 +35,12 @@ class StageData:
         self.recipe, self.data, self.stage_index = recipe, data, stage_index
         stage = recipe.stages[stage_index]
         self.stage = stage
-        self.mixture = Mixture(stage.mixture, {n: len(data.train[n]) for n in stage.mixture}, recipe.seed,
-                               stage_index)
-        self.fim_sources = {n for n in stage.mixture if stage.fim.applies_to(n, recipe.data.sources[n].domain)}
+        self.mixture = Mixture(
+            stage.mixture, {n: len(data.train[n]) for n in stage.mixture}, recipe.seed, stage_index
+        )
+        self.fim_sources = {
+            n for n in stage.mixture if stage.fim.applies_to(n, recipe.data.sources[n].domain)
+        }
 
     def sample(self, global_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int]:
         source, i = self.mixture(global_index)
@@ -45,7 +48,9 @@ class StageData:
         L = self.recipe.data.seq_len
         if source in self.fim_sources:
             rng = _rng(self.recipe.seed, self.stage_index, "fim", global_index)
-            r = apply_fim(window.tokens[:L], self.data.tokenizer, rng, self.stage.fim.rate, self.stage.fim.spm_rate)
+            r = apply_fim(
+                window.tokens[:L], self.data.tokenizer, rng, self.stage.fim.rate, self.stage.fim.spm_rate
+            )
             return r.input_ids, r.labels, r.loss_mask, source, r.n_fim_segments
         mask = np.zeros(L, dtype=np.float32)
         mask[: window.valid - 1] = 1.0  # the padded tail of the last window is not trained on
@@ -64,8 +69,9 @@ class StageData:
             fim_segments=sum(r[4] for r in rows),
         )
 
-    def batches(self, start_step: int, end_step: int, rank: int = 0, world_size: int = 1,
-                prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
+    def batches(
+        self, start_step: int, end_step: int, rank: int = 0, world_size: int = 1, prefetch: int = 2
+    ) -> Iterator[tuple[int, Batch]]:
         """Batches of steps [start_step, end_step), prepared `prefetch` steps ahead in a thread."""
         q: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()

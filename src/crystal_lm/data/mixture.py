@@ -32,8 +32,9 @@ def allocate(weights: list[float], block: int) -> np.ndarray:
 
 
 class Mixture:
-    def __init__(self, weights: dict[str, float], sizes: dict[str, int], seed: int, stage: int,
-                 block: int = 1024) -> None:
+    def __init__(
+        self, weights: dict[str, float], sizes: dict[str, int], seed: int, stage: int, block: int = 1024
+    ) -> None:
         active = [(n, w) for n, w in sorted(weights.items()) if w > 0]
         self.names = [n for n, _ in active]
         self.sizes = np.asarray([sizes[n] for n in self.names], dtype=np.int64)
@@ -69,5 +70,7 @@ class Mixture:
 
     def epochs(self, total_samples: int) -> dict[str, float]:
         """How many passes over each source `total_samples` draws make."""
-        return {n: total_samples * float(sh) / int(sz) for n, sh, sz in zip(self.names, self.shares, self.sizes,
-                                                                           strict=True)}
+        return {
+            n: total_samples * float(sh) / int(sz)
+            for n, sh, sz in zip(self.names, self.shares, self.sizes, strict=True)
+        }

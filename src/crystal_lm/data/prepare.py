@@ -33,17 +33,27 @@ class PreparedData:
 
     def manifest(self) -> dict:
         return {
-            "tokenizer": {"path": str(self.tokenizer.path), "sha256": self.tokenizer.sha256,
-                          "vocab_size": self.tokenizer.vocab_size},
+            "tokenizer": {
+                "path": str(self.tokenizer.path),
+                "sha256": self.tokenizer.sha256,
+                "vocab_size": self.tokenizer.vocab_size,
+            },
             "corpus": self.corpus.manifest if self.corpus else None,
-            "sources": {name: {"train": _shard_summary(self.train[name]), "val": _shard_summary(self.val[name])}
-                        for name in self.train},
+            "sources": {
+                name: {"train": _shard_summary(self.train[name]), "val": _shard_summary(self.val[name])}
+                for name in self.train
+            },
         }
 
 
 def _shard_summary(s: ShardSet) -> dict:
-    return {"dir": str(s.dir), "samples": len(s), "tokens": s.n_tokens, "documents": s.index["n_documents"],
-            "shards": [{"file": x["file"], "sha256": x["sha256"]} for x in s.index["shards"]]}
+    return {
+        "dir": str(s.dir),
+        "samples": len(s),
+        "tokens": s.n_tokens,
+        "documents": s.index["n_documents"],
+        "shards": [{"file": x["file"], "sha256": x["sha256"]} for x in s.index["shards"]],
+    }
 
 
 def _key(*parts: object) -> str:
@@ -56,11 +66,15 @@ def _embedded_corpus(recipe: Recipe, cache: Path) -> EmbeddedCorpus | None:
     return build_embedded_corpus(cache, recipe.data.embedded_max_bytes)
 
 
-def _tokenizer(recipe: Recipe, cache: Path, corpus: EmbeddedCorpus | None, fingerprints: dict[str, str]) -> Tokenizer:
+def _tokenizer(
+    recipe: Recipe, cache: Path, corpus: EmbeddedCorpus | None, fingerprints: dict[str, str]
+) -> Tokenizer:
     tcfg = recipe.data.tokenizer
     if tcfg.path is not None:
         return Tokenizer(recipe.resolve_path(tcfg.path))
-    key = _key("bpe", tcfg.vocab_size, tcfg.sample_bytes, recipe.data.val_fraction, sorted(fingerprints.items()))
+    key = _key(
+        "bpe", tcfg.vocab_size, tcfg.sample_bytes, recipe.data.val_fraction, sorted(fingerprints.items())
+    )
     path = cache / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         return Tokenizer(path)
@@ -85,19 +99,28 @@ def _tokenizer(recipe: Recipe, cache: Path, corpus: EmbeddedCorpus | None, finge
     return tok
 
 
-def _build_source(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None, tok: Tokenizer, train_dir: Path,
-                  val_dir: Path, vocab: int) -> None:
+def _build_source(
+    recipe: Recipe,
+    name: str,
+    corpus: EmbeddedCorpus | None,
+    tok: Tokenizer,
+    train_dir: Path,
+    val_dir: Path,
+    vocab: int,
+) -> None:
     docs = list(iter_source(recipe, name, corpus))
     if not docs:
         raise RecipeError(f"{recipe.source_file}: data.sources.{name}: the source has no documents")
     held_out = validation_ids([d.id for d in docs], recipe.data.val_fraction)
     meta = {"source": name, "domain": recipe.data.sources[name].domain}
-    writers = {split: ShardWriter(d, recipe.data.seq_len, token_dtype(vocab), tok.bos_id, tok.eos_id, tok.sha256)
-               for split, d in (("train", train_dir), ("val", val_dir))}
+    writers = {
+        split: ShardWriter(d, recipe.data.seq_len, token_dtype(vocab), tok.bos_id, tok.eos_id, tok.sha256)
+        for split, d in (("train", train_dir), ("val", val_dir))
+    }
     dropped = 0
     batch = 256
     for start in range(0, len(docs), batch):
-        chunk = docs[start: start + batch]
+        chunk = docs[start : start + batch]
         for doc, ids in zip(chunk, tok.encode_batch([d.text for d in chunk]), strict=True):
             if len(ids) < MIN_DOC_TOKENS:
                 dropped += 1
@@ -116,12 +139,20 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     tok = _tokenizer(recipe, cache, corpus, fingerprints)
     vocab = recipe.model.vocab_size
     if tok.max_id >= vocab:
-        raise RecipeError(f"{recipe.source_file}: model.vocab_size: {vocab} is too small for the tokenizer "
-                          f"{tok.path} (largest id {tok.max_id}); use at least {padded_vocab_size(tok)}")
+        raise RecipeError(
+            f"{recipe.source_file}: model.vocab_size: {vocab} is too small for the tokenizer "
+            f"{tok.path} (largest id {tok.max_id}); use at least {padded_vocab_size(tok)}"
+        )
     train, val = {}, {}
     for name in sorted(recipe.data.sources):
-        key = _key(SHARD_BUILD_VERSION, fingerprints[name], tok.sha256, recipe.data.seq_len,
-                   recipe.data.val_fraction, token_dtype(vocab).str)
+        key = _key(
+            SHARD_BUILD_VERSION,
+            fingerprints[name],
+            tok.sha256,
+            recipe.data.seq_len,
+            recipe.data.val_fraction,
+            token_dtype(vocab).str,
+        )
         root = cache / "shards" / f"{name}-{key}"
         train_dir, val_dir = root / "train", root / "val"
         if not ((train_dir / "index.json").is_file() and (val_dir / "index.json").is_file()):

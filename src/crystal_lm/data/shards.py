@@ -35,8 +35,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Streams tokenized documents into packed windows, `rows_per_shard` windows per file."""
 
-    def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, bos_id: int, eos_id: int,
-                 tokenizer_sha256: str, rows_per_shard: int = 65536) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        seq_len: int,
+        dtype: np.dtype,
+        bos_id: int,
+        eos_id: int,
+        tokenizer_sha256: str,
+        rows_per_shard: int = 65536,
+    ) -> None:
         self.final_dir = Path(out_dir)
         self.dir = self.final_dir.with_name(self.final_dir.name + f".tmp{os.getpid()}")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -72,8 +80,8 @@ class ShardWriter:
         stream = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=self.dtype)
         n_full = (len(stream) - 1) // L if len(stream) > L else 0
         for i in range(n_full):
-            self.rows.append(stream[i * L: i * L + L + 1])
-        rest = stream[n_full * L:]  # the last token of a window is also the first of the next
+            self.rows.append(stream[i * L : i * L + L + 1])
+        rest = stream[n_full * L :]  # the last token of a window is also the first of the next
         if final and len(rest) > 1:
             row = np.full(L + 1, self.eos_id, dtype=self.dtype)
             row[: len(rest)] = rest
@@ -83,24 +91,37 @@ class ShardWriter:
         self.buffer, self.buffered = [rest.copy()], len(rest)
         while len(self.rows) >= self.rows_per_shard or (final and self.rows):
             self._flush(self.rows[: self.rows_per_shard])
-            self.rows = self.rows[self.rows_per_shard:]
+            self.rows = self.rows[self.rows_per_shard :]
 
     def _flush(self, rows: list[np.ndarray]) -> None:
         arr = np.stack(rows).astype(self.dtype, copy=False)
         name = f"shard-{len(self.shards):05d}.bin"
         data = arr.tobytes()
         (self.dir / name).write_bytes(data)
-        self.shards.append({"file": name, "n_samples": len(rows), "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.shards.append(
+            {
+                "file": name,
+                "n_samples": len(rows),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
 
     def close(self, extra: dict | None = None) -> Path:
         self._emit_windows(final=True)
         self.docs_file.close()
         index = {
-            "format_version": FORMAT_VERSION, "tokenizer_sha256": self.tokenizer_sha256,
-            "seq_len": self.seq_len, "dtype": self.dtype.str, "bos_id": self.bos_id, "eos_id": self.eos_id,
-            "n_samples": sum(s["n_samples"] for s in self.shards), "n_documents": self.n_docs,
-            "n_tokens": self.n_tokens, "last_sample_valid": self.last_valid, "shards": self.shards,
+            "format_version": FORMAT_VERSION,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype.str,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "n_samples": sum(s["n_samples"] for s in self.shards),
+            "n_documents": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "last_sample_valid": self.last_valid,
+            "shards": self.shards,
             **(extra or {}),
         }
         (self.dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -118,18 +139,24 @@ class Window:
 class ShardSet:
     """Read-only view of a shard directory; `window(i)` is the i-th packed sample."""
 
-    def __init__(self, directory: str | Path, expect_tokenizer: str | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, directory: str | Path, expect_tokenizer: str | None = None, verify: bool = True
+    ) -> None:
         self.dir = Path(directory)
         index_path = self.dir / "index.json"
         if not index_path.is_file():
             raise ShardError(f"{self.dir}: no index.json (not a shard directory, or an unfinished build)")
         self.index = json.loads(index_path.read_text())
         if self.index.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{index_path}: format version {self.index.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; rebuild the shards")
+            raise ShardError(
+                f"{index_path}: format version {self.index.get('format_version')} is not "
+                f"{FORMAT_VERSION}; rebuild the shards"
+            )
         if expect_tokenizer is not None and self.index["tokenizer_sha256"] != expect_tokenizer:
-            raise ShardError(f"{self.dir}: made with tokenizer {self.index['tokenizer_sha256'][:16]}…, but this "
-                             f"run uses tokenizer {expect_tokenizer[:16]}…; rebuild the shards with it")
+            raise ShardError(
+                f"{self.dir}: made with tokenizer {self.index['tokenizer_sha256'][:16]}…, but this "
+                f"run uses tokenizer {expect_tokenizer[:16]}…; rebuild the shards with it"
+            )
         self.seq_len = self.index["seq_len"]
         dtype = np.dtype(self.index["dtype"])
         self.maps: list[np.ndarray] = []
@@ -142,9 +169,13 @@ class ShardSet:
                 with open(path, "rb") as f:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
                 if digest != shard["sha256"]:
-                    raise ShardError(f"{path}: sha256 {digest[:16]}… does not match the index "
-                                     f"({shard['sha256'][:16]}…): the shard is corrupt; rebuild it")
-            self.maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["n_samples"], self.seq_len + 1)))
+                    raise ShardError(
+                        f"{path}: sha256 {digest[:16]}… does not match the index "
+                        f"({shard['sha256'][:16]}…): the shard is corrupt; rebuild it"
+                    )
+            self.maps.append(
+                np.memmap(path, dtype=dtype, mode="r", shape=(shard["n_samples"], self.seq_len + 1))
+            )
             self.offsets.append(self.offsets[-1] + shard["n_samples"])
 
     def __len__(self) -> int:

@@ -18,11 +18,28 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 CRYSTAL_ADDED_TOKENS = (
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|filename|>", "<|gh_stars|>", "<|issue_start|>", "<|issue_comment|>", "<|issue_closed|>",
-    "<|jupyter_start|>", "<|jupyter_text|>", "<|jupyter_code|>", "<|jupyter_output|>", "<|empty_output|>",
-    "<|commit_before|>", "<|commit_msg|>", "<|commit_after|>", "<|reponame|>",
-    "<|im_start|>", "<|im_end|>", "<|sys_start|>", "<|sys_end|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|filename|>",
+    "<|gh_stars|>",
+    "<|issue_start|>",
+    "<|issue_comment|>",
+    "<|issue_closed|>",
+    "<|jupyter_start|>",
+    "<|jupyter_text|>",
+    "<|jupyter_code|>",
+    "<|jupyter_output|>",
+    "<|empty_output|>",
+    "<|commit_before|>",
+    "<|commit_msg|>",
+    "<|commit_after|>",
+    "<|reponame|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|sys_start|>",
+    "<|sys_end|>",
 )
 UNUSED_IDS = 10  # Crystal pads 32,022 ids to 32,032
 
@@ -57,8 +74,10 @@ class Tokenizer:
             tid = self.hf.token_to_id(name)
             if tid is not None:
                 return tid
-        raise TokenizerError(f"{self.path}: has no {' or '.join(names)} token; Crystal's pipeline needs it "
-                             "(add it as a special token)")
+        raise TokenizerError(
+            f"{self.path}: has no {' or '.join(names)} token; Crystal's pipeline needs it "
+            "(add it as a special token)"
+        )
 
     @property
     def max_id(self) -> int:
@@ -79,8 +98,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> To
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BASE_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BASE_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     hf.train_from_iterator(texts, trainer=trainer)
     hf.add_special_tokens(list(CRYSTAL_ADDED_TOKENS))
     out_path = Path(out_path)

@@ -63,7 +63,7 @@ def generate_ids(model: CrystalModel, prompt: list[int], sampling: Sampling, sto
     """Sample continuation ids after `prompt` (KV cache; stops at a stop id or the context length)."""
     gen = torch.Generator().manual_seed(sampling.seed)
     limit = model.cfg.max_seq_len
-    prompt = prompt[-(limit - 1):]
+    prompt = prompt[-(limit - 1) :]
     logits, cache = model(torch.tensor([prompt]))
     out: list[int] = []
     for _ in range(min(sampling.max_new_tokens, limit - len(prompt))):
@@ -80,8 +80,9 @@ def generate(model: CrystalModel, tok: Tokenizer, prompt: str, sampling: Samplin
     return tok.decode(ids, skip_special_tokens=True)
 
 
-def infill(model: CrystalModel, tok: Tokenizer, prefix: str, suffix: str, sampling: Sampling,
-           mode: str = "psm") -> str:
+def infill(
+    model: CrystalModel, tok: Tokenizer, prefix: str, suffix: str, sampling: Sampling, mode: str = "psm"
+) -> str:
     """The middle between `prefix` and `suffix`, prompted as in training (crystal-spec §7 item 9)."""
     pre, suf = [tok.bos_id, *tok.encode(prefix)], tok.encode(suffix)
     if mode == "psm":

@@ -21,14 +21,15 @@ def validation_indices(n: int, max_samples: int) -> list[int]:
 
 
 @torch.no_grad()
-def source_loss_sums(model: CrystalModel, shards: ShardSet, max_samples: int, micro_batch: int,
-                     precision: str = "fp32") -> tuple[float, int]:
+def source_loss_sums(
+    model: CrystalModel, shards: ShardSet, max_samples: int, micro_batch: int, precision: str = "fp32"
+) -> tuple[float, int]:
     """Summed token cross-entropy and token count over a source's validation windows."""
     L = shards.seq_len
     total, count = 0.0, 0
     idx = validation_indices(len(shards), max_samples)
     for start in range(0, len(idx), micro_batch):
-        windows = [shards.window(i) for i in idx[start: start + micro_batch]]
+        windows = [shards.window(i) for i in idx[start : start + micro_batch]]
         tokens = torch.from_numpy(np.stack([w.tokens for w in windows]))
         mask = torch.zeros(len(windows), L)
         for r, w in enumerate(windows):
@@ -36,7 +37,9 @@ def source_loss_sums(model: CrystalModel, shards: ShardSet, max_samples: int, mi
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             hidden, _ = model.hidden_states(tokens[:, :L])
             logits = model.logits(hidden).float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+        )
         total += float((ce * mask.reshape(-1)).sum())
         count += int(mask.sum())
     return total, count
@@ -51,8 +54,9 @@ def validation_loss(model: CrystalModel, val: dict[str, ShardSet], recipe: Recip
     for name in sorted(val):
         if len(val[name]) == 0:
             continue
-        total, count = source_loss_sums(model, val[name], recipe.data.val_max_samples, micro,
-                                        recipe.train.precision)
+        total, count = source_loss_sums(
+            model, val[name], recipe.data.val_max_samples, micro, recipe.train.precision
+        )
         for key in (name, recipe.data.sources[name].domain):
             sums[key][0] += total
             sums[key][1] += count

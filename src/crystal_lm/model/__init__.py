@@ -11,8 +11,13 @@ from crystal_lm.model.mup import init_weights, param_groups
 __all__ = ["CrystalModel", "build_model", "count_parameters", "param_groups"]
 
 
-def build_model(cfg: ModelConfig, mup: MupConfig, device: str | torch.device = "cpu", seed: int | None = None,
-                init: bool = True) -> CrystalModel:
+def build_model(
+    cfg: ModelConfig,
+    mup: MupConfig,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    init: bool = True,
+) -> CrystalModel:
     """Build the model on `device` ("meta" builds shapes only, for parameter counts of large recipes)."""
     if seed is not None:
         torch.manual_seed(seed)

@@ -19,9 +19,13 @@ from crystal_lm.model.loss import linear_cross_entropy
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def rotary_tables(rotary_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    rotary_dim: int, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [T, rotary_dim/2] for the given positions (fp32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim
+    )
     angles = positions.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -52,8 +56,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if self.rotary_dim:
             cos, sin = rotary_tables(self.rotary_dim, positions, self.theta)
             q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
@@ -113,7 +119,9 @@ class CrystalModel(nn.Module):
     def width_multiplier(self) -> float:
         return self.cfg.d_model / self.mup.base_width
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def hidden_states(
+        self, tokens: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
         past = cache[0][0].shape[2] if cache else 0
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         x = self.wte(tokens) * self.embeddings_scale

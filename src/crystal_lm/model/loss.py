@@ -13,17 +13,26 @@ import torch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                scale: float, chunk: int, denom: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float,
+        chunk: int,
+        denom: int,
+    ) -> torch.Tensor:
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total = hidden.new_zeros((), dtype=torch.float32)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 softmax (fp64 when given fp64)
+        total = hidden.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(hidden) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start: start + chunk]
-            y = labels[start: start + chunk]
-            m = mask[start: start + chunk].float()
-            logits = (h @ weight.t()).float() * scale
+            h = hidden[start : start + chunk]
+            y = labels[start : start + chunk]
+            m = mask[start : start + chunk].to(acc)
+            logits = (h @ weight.t()).to(acc) * scale
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y[:, None]).squeeze(1)
             total += ((lse - target) * m).sum()
@@ -32,8 +41,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y)), y] -= 1.0
                 probs.mul_((m * (scale / denom))[:, None])
                 probs = probs.to(weight.dtype)
-                grad_h[start: start + chunk] = probs @ weight
-                grad_w.addmm_(probs.t().float(), h.float())
+                grad_h[start : start + chunk] = probs @ weight
+                grad_w.addmm_(probs.t().to(acc), h.to(acc))
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / denom
@@ -44,9 +53,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                         scale: float, chunk: int = 1024) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Σ mask·CE(scale · hidden·Wᵀ, labels) / number of positions. hidden: [..., d]; labels, mask: [...]."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), mask.reshape(-1), scale, chunk,
-                                     labels.numel())
+    return _LinearCrossEntropy.apply(
+        h, weight, labels.reshape(-1), mask.reshape(-1), scale, chunk, labels.numel()
+    )

@@ -42,8 +42,13 @@ def init_weights(model: CrystalModel) -> None:
     stds = init_stds(model)
     _trunc_normal_(model.wte.weight, stds.embedding)
     for block in model.blocks:
-        for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up_proj,
-                       block.mlp.gate_proj):
+        for linear in (
+            block.attn.q_proj,
+            block.attn.k_proj,
+            block.attn.v_proj,
+            block.mlp.up_proj,
+            block.mlp.gate_proj,
+        ):
             _trunc_normal_(linear.weight, stds.hidden)
         for linear in (block.attn.out_proj, block.mlp.down_proj):
             _trunc_normal_(linear.weight, stds.output)
@@ -68,8 +73,12 @@ def param_groups(model: nn.Module, weight_decay: float, width_multiplier: float)
         else:
             buckets["hidden"].append(p)
     return [
-        {"name": "hidden", "params": buckets["hidden"], "lr_scale": 1.0 / width_multiplier,
-         "weight_decay": weight_decay},
+        {
+            "name": "hidden",
+            "params": buckets["hidden"],
+            "lr_scale": 1.0 / width_multiplier,
+            "weight_decay": weight_decay,
+        },
         {"name": "embedding", "params": buckets["embedding"], "lr_scale": 1.0, "weight_decay": weight_decay},
         {"name": "no_decay", "params": buckets["no_decay"], "lr_scale": 1.0, "weight_decay": 0.0},
     ]

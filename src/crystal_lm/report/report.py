@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from crystal_lm.train.metrics import read_jsonl  # noqa: E402
+from crystal_lm.train.metrics import read_jsonl
 
 TOP_DOMAINS = ("text", "code")
 
@@ -28,8 +28,16 @@ def _mark_stages(ax, bounds: list[tuple[str, float, float]]) -> None:
         if i:
             ax.axvline(lo, color="grey", linestyle="--", linewidth=0.8)
         ax.axvspan(lo, hi, color=f"C{i}", alpha=0.06)
-        ax.text((lo + hi) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=8, color="dimgrey")
+        ax.text(
+            (lo + hi) / 2,
+            1.0,
+            name,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="dimgrey",
+        )
 
 
 def _ema(values: list[float], alpha: float = 0.05) -> list[float]:
@@ -64,8 +72,16 @@ def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
     x = [e["tokens"] for e in evals]
     for i, k in enumerate(keys):
         top = k in TOP_DOMAINS
-        ax.plot(x, [e["val_loss"].get(k) for e in evals], marker="o" if top else None, markersize=3,
-                linewidth=2.0 if top else 1.0, linestyle="-" if top else ":", color=f"C{i}", label=k)
+        ax.plot(
+            x,
+            [e["val_loss"].get(k) for e in evals],
+            marker="o" if top else None,
+            markersize=3,
+            linewidth=2.0 if top else 1.0,
+            linestyle="-" if top else ":",
+            color=f"C{i}",
+            label=k,
+        )
     _mark_stages(ax, bounds)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("validation loss (held-out)")
@@ -79,7 +95,7 @@ def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
 def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     x = [m["tokens"] for m in metrics]
-    for group in (metrics[0]["lr"] if metrics else {}):
+    for group in metrics[0]["lr"] if metrics else {}:
         ax.plot(x, [m["lr"][group] for m in metrics], label=group)
     _mark_stages(ax, bounds)
     ax.set_xlabel("tokens seen")
@@ -116,24 +132,45 @@ def write_report(run_dir: str | Path) -> Path:
     for s in summary["stages"]:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in _normalised(s["mixture"]).items())
         lines.append(f"| {s['name']} | {s['tokens']:,} | {s['wall_s']:.0f} | {mix} | {s['fim_rate']} |")
-    lines += ["", "## Validation loss at the end of each stage", "",
-              "| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    lines += [
+        "",
+        "## Validation loss at the end of each stage",
+        "",
+        "| stage | " + " | ".join(domains) + " |",
+        "|---|" + "---:|" * len(domains),
+    ]
     start = evals[0]["val_loss"] if evals else {}
     prev = None
     for s in summary["stages"]:
-        lines.append(f"| {s['name']} | " + " | ".join(_fmt((s["val_loss"] or {}).get(d)) for d in domains) + " |")
-    lines += ["", "Change over each stage (end of stage vs end of the one before; stage 1 vs its first "
-              "checkpoint):", "", "| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+        lines.append(
+            f"| {s['name']} | " + " | ".join(_fmt((s["val_loss"] or {}).get(d)) for d in domains) + " |"
+        )
+    lines += [
+        "",
+        "Change over each stage (end of stage vs end of the one before; stage 1 vs its first checkpoint):",
+        "",
+        "| stage | " + " | ".join(domains) + " |",
+        "|---|" + "---:|" * len(domains),
+    ]
     for s in summary["stages"]:
         end = s["val_loss"] or {}
         base = prev if prev is not None else start
         cells = [f"{(end[d] - base[d]) / base[d]:+.1%}" if d in end and d in base else "–" for d in domains]
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
         prev = end or prev
-    lines += ["", "## Plots", "", "![training loss](train_loss.png)", "",
-              "![validation loss per domain](val_loss.png)", "", "![learning rate per muP group](learning_rate.png)",
-              "", f"Checkpoints: {len(evals)} evaluated; logs: `metrics.jsonl` (every step), `eval.jsonl` "
-              "(every checkpoint)."]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![training loss](train_loss.png)",
+        "",
+        "![validation loss per domain](val_loss.png)",
+        "",
+        "![learning rate per muP group](learning_rate.png)",
+        "",
+        f"Checkpoints: {len(evals)} evaluated; logs: `metrics.jsonl` (every step), `eval.jsonl` "
+        "(every checkpoint).",
+    ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

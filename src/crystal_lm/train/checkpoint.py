@@ -50,16 +50,24 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: TrainState, config: dict[str, Any], tokenizer_path: Path) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: TrainState,
+    config: dict[str, Any],
+    tokenizer_path: Path,
+) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "crystal-lm"})
-    torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "torch_rng": torch.get_rng_state()},
-               tmp / "optimizer.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict() if optimizer else None, "torch_rng": torch.get_rng_state()},
+        tmp / "optimizer.pt",
+    )
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
@@ -116,8 +124,9 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     tensors = load_file(str(Path(directory) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def load_optimizer(directory: Path) -> dict[str, Any]:

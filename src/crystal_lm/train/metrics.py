@@ -69,8 +69,10 @@ class Progress:
         rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         pct = 100.0 * self.done / self.total
-        line = (f"[{pct:5.1f}%] {stage} step {step}/{stage_steps} | loss {loss:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s | ETA {_hms(eta)}")
+        line = (
+            f"[{pct:5.1f}%] {stage} step {step}/{stage_steps} | loss {loss:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s | ETA {_hms(eta)}"
+        )
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
             if self.done == self.total:

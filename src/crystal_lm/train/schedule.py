@@ -35,11 +35,15 @@ def stage_schedules(recipe: Recipe) -> list[LinearSchedule]:
         if cfg.continue_previous:
             prev, prev_steps = schedules[-1], recipe.stage_steps(recipe.stages[i - 1])
             decayed = max(0, prev_steps - prev.warmup_steps)
-            schedules.append(LinearSchedule(cfg.warmup_steps, prev.lr(prev_steps), prev.end,
-                                            max(1, prev.decay_steps - decayed)))
+            schedules.append(
+                LinearSchedule(
+                    cfg.warmup_steps, prev.lr(prev_steps), prev.end, max(1, prev.decay_steps - decayed)
+                )
+            )
         else:
             assert cfg.peak is not None
             decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, steps - cfg.warmup_steps)
-            schedules.append(LinearSchedule(cfg.warmup_steps, cfg.peak, cfg.end if cfg.end is not None else 0.0,
-                                            decay))
+            schedules.append(
+                LinearSchedule(cfg.warmup_steps, cfg.peak, cfg.end if cfg.end is not None else 0.0, decay)
+            )
     return schedules

@@ -55,8 +55,14 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> dict[str, float]
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
-def train_step(model: CrystalModel, optimizer: torch.optim.Optimizer, batch: Batch, micro_batch: int,
-               precision: str, grad_clip: float) -> tuple[float, float]:
+def train_step(
+    model: CrystalModel,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    micro_batch: int,
+    precision: str,
+    grad_clip: float,
+) -> tuple[float, float]:
     """One optimizer step over `batch` in micro-batches; returns (loss, grad norm before clipping)."""
     optimizer.zero_grad(set_to_none=True)
     n_micro = max(1, batch.input_ids.shape[0] // micro_batch)
@@ -73,8 +79,13 @@ def train_step(model: CrystalModel, optimizer: torch.optim.Optimizer, batch: Bat
 
 
 def checkpoint_config(recipe: Recipe) -> dict:
-    return {"format": "crystal-lm", "recipe": recipe.name, "model": asdict(recipe.model),
-            "mup": asdict(recipe.mup), "seq_len": recipe.data.seq_len}
+    return {
+        "format": "crystal-lm",
+        "recipe": recipe.name,
+        "model": asdict(recipe.model),
+        "mup": asdict(recipe.mup),
+        "seq_len": recipe.data.seq_len,
+    }
 
 
 def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
@@ -85,11 +96,24 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
     if record.is_file():
         old = json.loads(record.read_text())
         if old.get("fingerprint") != fp:
-            raise RunDirError(f"{run_dir} holds a run of another recipe ({old.get('name')}, fingerprint "
-                              f"{old.get('fingerprint')}; this one is {fp}). Use a new --out folder.")
+            raise RunDirError(
+                f"{run_dir} holds a run of another recipe ({old.get('name')}, fingerprint "
+                f"{old.get('fingerprint')}; this one is {fp}). Use a new --out folder."
+            )
         return
-    record.write_text(json.dumps({"name": recipe.name, "fingerprint": fp, "recipe": recipe.to_dict()},
-                                 indent=1, default=list) + "\n")
+    record.write_text(
+        json.dumps(
+            {
+                "name": recipe.name,
+                "fingerprint": fp,
+                "source_file": recipe.source_file,
+                "recipe": recipe.to_dict(),
+            },
+            indent=1,
+            default=list,
+        )
+        + "\n"
+    )
     if recipe.source_file:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
 
@@ -101,21 +125,35 @@ def write_summary(recipe: Recipe, run_dir: Path, state: TrainState) -> dict:
     for i, stage in enumerate(recipe.stages):
         steps = recipe.stage_steps(stage)
         final = [e for e in evals if e["stage_index"] == i and e["step"] == steps]
-        stages.append({
-            "name": stage.name, "steps": steps, "tokens": steps * recipe.tokens_per_step,
-            "wall_s": round(state.stage_wall_s.get(stage.name, 0.0), 2),
-            "val_loss": final[-1]["val_loss"] if final else None,
-            "checkpoint": final[-1]["checkpoint"] if final else None,
-            "mixture": stage.mixture, "fim_rate": stage.fim.rate,
-        })
-    summary = {"recipe": recipe.name, "complete": all(s["val_loss"] is not None for s in stages),
-               "tokens_seen": state.tokens_seen, "stages": stages}
+        stages.append(
+            {
+                "name": stage.name,
+                "steps": steps,
+                "tokens": steps * recipe.tokens_per_step,
+                "wall_s": round(state.stage_wall_s.get(stage.name, 0.0), 2),
+                "val_loss": final[-1]["val_loss"] if final else None,
+                "checkpoint": final[-1]["checkpoint"] if final else None,
+                "mixture": stage.mixture,
+                "fim_rate": stage.fim.rate,
+            }
+        )
+    summary = {
+        "recipe": recipe.name,
+        "complete": all(s["val_loss"] is not None for s in stages),
+        "tokens_seen": state.tokens_seen,
+        "stages": stages,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def train(recipe: Recipe, run_dir: str | Path, *, stop_after_steps: int | None = None,
-          data: PreparedData | None = None) -> dict:
+def train(
+    recipe: Recipe,
+    run_dir: str | Path,
+    *,
+    stop_after_steps: int | None = None,
+    data: PreparedData | None = None,
+) -> dict:
     """Run (or resume) every stage of `recipe` in `run_dir`. `stop_after_steps` stops early (for tests)."""
     run_dir = Path(run_dir)
     _claim_run_dir(recipe, run_dir)
@@ -138,13 +176,21 @@ def train(recipe: Recipe, run_dir: str | Path, *, stop_after_steps: int | None =
         saved = load_optimizer(resume)
         opt_state = saved["optimizer"]
         torch.set_rng_state(saved["torch_rng"])
-        log.info("resuming from %s (stage %d, step %d, %s tokens seen)", resume.name, state.stage_index + 1,
-                 state.step, f"{state.tokens_seen:,}")
+        log.info(
+            "resuming from %s (stage %d, step %d, %s tokens seen)",
+            resume.name,
+            state.stage_index + 1,
+            state.step,
+            f"{state.tokens_seen:,}",
+        )
     metrics, evals = JsonlLog(run_dir / "metrics.jsonl"), JsonlLog(run_dir / "eval.jsonl")
     metrics.truncate_after(state.global_step)
     evals.truncate_after(state.global_step)
-    if resume is not None and state.val_loss is not None and not any(
-            e["global_step"] == state.global_step for e in read_jsonl(evals.path)):
+    if (
+        resume is not None
+        and state.val_loss is not None
+        and not any(e["global_step"] == state.global_step for e in read_jsonl(evals.path))
+    ):
         evals.write(_eval_record(recipe, state, resume.name))
 
     schedules = stage_schedules(recipe)
@@ -164,17 +210,20 @@ def train(recipe: Recipe, run_dir: str | Path, *, stop_after_steps: int | None =
                 if opt_state is not None and not fresh:
                     optimizer.load_state_dict(opt_state)
                 opt_state = None
-            progress.message(f"stage {si + 1}/{len(recipe.stages)} '{stage.name}': steps {state.step}→{steps}, "
-                             f"mixture {stage.mixture}, FIM {stage.fim.rate}"
-                             + (", fresh optimizer" if fresh and si else ""))
+            progress.message(
+                f"stage {si + 1}/{len(recipe.stages)} '{stage.name}': steps {state.step}→{steps}, "
+                f"mixture {stage.mixture}, FIM {stage.fim.rate}"
+                + (", fresh optimizer" if fresh and si else "")
+            )
             stage_data = StageData(recipe, data, si)
             wall0, t0 = state.stage_wall_s.get(stage.name, 0.0), time.time()
             t_ready = time.time()
             for step, batch in stage_data.batches(state.step, steps):
                 t_batch = time.time()
                 lrs = set_lr(optimizer, schedules[si].lr(step))
-                loss, grad_norm = train_step(model, optimizer, batch, micro, recipe.train.precision,
-                                             recipe.optimizer.grad_clip)
+                loss, grad_norm = train_step(
+                    model, optimizer, batch, micro, recipe.train.precision, recipe.optimizer.grad_clip
+                )
                 now = time.time()
                 tokens = recipe.tokens_per_step
                 state.step, state.global_step = step + 1, state.global_step + 1
@@ -182,26 +231,41 @@ def train(recipe: Recipe, run_dir: str | Path, *, stop_after_steps: int | None =
                 state.stage_wall_s[stage.name] = wall0 + (now - t0)
                 tok_s = tokens / max(now - t_ready, 1e-9)
                 if state.step % recipe.train.log_every == 0 or state.step == steps:
-                    metrics.write({"stage": stage.name, "stage_index": si, "step": state.step,
-                                   "global_step": state.global_step, "tokens": state.tokens_seen,
-                                   "loss": round(loss, 6), "grad_norm": round(grad_norm, 6),
-                                   "lr": {k: float(f"{v:.6g}") for k, v in lrs.items()},
-                                   "tokens_per_s": round(tok_s, 1), "data_wait_s": round(t_batch - t_ready, 4),
-                                   "fim_segments": batch.fim_segments, "time": round(now, 3)})
+                    metrics.write(
+                        {
+                            "stage": stage.name,
+                            "stage_index": si,
+                            "step": state.step,
+                            "global_step": state.global_step,
+                            "tokens": state.tokens_seen,
+                            "loss": round(loss, 6),
+                            "grad_norm": round(grad_norm, 6),
+                            "lr": {k: float(f"{v:.6g}") for k, v in lrs.items()},
+                            "tokens_per_s": round(tok_s, 1),
+                            "data_wait_s": round(t_batch - t_ready, 4),
+                            "fim_segments": batch.fim_segments,
+                            "time": round(now, 3),
+                        }
+                    )
                 progress.update(stage.name, state.step, steps, loss, tok_s)
                 if state.step % stage.checkpoint_every == 0 or state.step == steps:
                     state.val_loss = validation_loss(model, data.val, recipe)
                     name = checkpoint_name(si, state.step)
-                    save_checkpoint(ck_root / name, model, optimizer, state, checkpoint_config(recipe),
-                                    tokenizer_path)
+                    save_checkpoint(
+                        ck_root / name, model, optimizer, state, checkpoint_config(recipe), tokenizer_path
+                    )
                     evals.write(_eval_record(recipe, state, name))
-                    progress.message(f"checkpoint {name}: val loss "
-                                     + ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items()))
+                    progress.message(
+                        f"checkpoint {name}: val loss "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items())
+                    )
                 if stop_after_steps is not None and state.global_step >= stop_after_steps:
                     return {"stopped_at": state.global_step}
                 t_ready = time.time()
     except KeyboardInterrupt:
-        progress.message(f"interrupted; run the same command again to resume from {latest_checkpoint(ck_root)}")
+        progress.message(
+            f"interrupted; run the same command again to resume from {latest_checkpoint(ck_root)}"
+        )
         raise
     finally:
         metrics.close()
@@ -210,6 +274,12 @@ def train(recipe: Recipe, run_dir: str | Path, *, stop_after_steps: int | None =
 
 
 def _eval_record(recipe: Recipe, state: TrainState, name: str) -> dict:
-    return {"checkpoint": name, "stage": recipe.stages[state.stage_index].name, "stage_index": state.stage_index,
-            "step": state.step, "global_step": state.global_step, "tokens": state.tokens_seen,
-            "val_loss": state.val_loss}
+    return {
+        "checkpoint": name,
+        "stage": recipe.stages[state.stage_index].name,
+        "stage_index": state.stage_index,
+        "step": state.step,
+        "global_step": state.global_step,
+        "tokens": state.tokens_seen,
+        "val_loss": state.val_loss,
+    }

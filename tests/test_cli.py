@@ -1,0 +1,55 @@
+"""The `crystal` command line on real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def crystal(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystal_lm.cli", *args], capture_output=True, text=True)
+
+
+def test_info_prints_the_7b_parameter_count():
+    out = crystal("info", str(REPO / "recipes" / "crystal-7b.yaml"))
+    assert out.returncode == 0 and "6,575,278,720 parameters" in out.stdout
+    info = json.loads(crystal("info", str(REPO / "recipes" / "tiny.yaml"), "--json").stdout)
+    assert [s["name"] for s in info["stages"]] == ["stage1", "stage2", "stage3"]
+
+
+def test_bad_recipe_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "recipes" / "tiny.yaml").read_text().replace("checkpoint_every: 50", "checkpoint_evry: 50", 1)
+    )
+    out = crystal("info", str(bad))
+    assert out.returncode == 2
+    assert "bad.yaml" in out.stderr and "stages[0].checkpoint_evry: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_generate_infill_eval_and_report(trained_run):
+    _, run_dir, summary = trained_run
+    ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
+    out = crystal("generate", ckpt, "--prompt", "import ", "--max-new-tokens", "8", "--temperature", "0")
+    assert out.returncode == 0 and out.stdout.startswith("import ")
+    out = crystal(
+        "infill",
+        ckpt,
+        "--prefix",
+        "def f(x):\n    return ",
+        "--suffix",
+        "\n",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    )
+    assert out.returncode == 0 and set(json.loads(out.stdout)) == {"prefix", "middle", "suffix"}
+    out = crystal("eval", ckpt)
+    assert out.returncode == 0, out.stderr
+    assert abs(json.loads(out.stdout)["code"] - summary["stages"][2]["val_loss"]["code"]) < 1e-6
+    out = crystal("report", str(run_dir))
+    assert out.returncode == 0 and (run_dir / "report.md").is_file()

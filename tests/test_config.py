@@ -1,0 +1,113 @@
+"""Recipes: the shipped ones load, the 7B parameter count is Crystal's, and bad recipes fail naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from crystal_lm.config import RecipeError, check_paths, load_recipe, recipe_from_dict
+from crystal_lm.model import build_model, count_parameters
+
+from .conftest import REPO
+
+
+def test_crystal_7b_parameter_count_on_meta_device():
+    recipe = load_recipe(REPO / "recipes" / "crystal-7b.yaml")
+    model = build_model(recipe.model, recipe.mup, device="meta")
+    assert count_parameters(model) == 6_575_278_720
+    assert recipe.tokens_per_step == 2112 * 2048
+    assert [recipe.stage_steps(s) for s in recipe.stages] == [79_721, 214_387, 27_728]
+
+
+def test_tiny_recipe_is_shaped_like_crystal():
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml")
+    domain = {n: s.domain for n, s in recipe.data.sources.items()}
+
+    def code_share(stage):
+        total = sum(stage.mixture.values())
+        return sum(w for n, w in stage.mixture.items() if domain[n] == "code") / total
+
+    s1, s2, s3 = recipe.stages
+    assert code_share(s1) <= 0.1
+    assert code_share(s2) == pytest.approx(0.63, abs=0.02) and s2.fim.rate == 0.9
+    assert code_share(s3) == pytest.approx(0.80, abs=0.02) and s3.fim.rate == 0.3
+    assert s2.lr.continue_previous and not s2.reset_optimizer
+    assert s3.reset_optimizer and s3.lr.peak < s1.lr.peak
+
+
+def _error(d: dict) -> str:
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(d, "r.yaml")
+    return str(exc.value)
+
+
+def test_unknown_key_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["model"]["n_layer"] = 3
+    msg = _error(d)
+    assert "r.yaml" in msg and "model.n_layer" in msg and "unknown key" in msg and "n_layers" in msg
+
+
+def test_mistyped_value_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][1]["lr"]["warmup_steps"] = "ten"
+    assert "stages[1].lr.warmup_steps" in _error(d)
+
+
+def test_unknown_source_in_mixture_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["mixture"]["pyton"] = 0.1
+    msg = _error(d)
+    assert "stages[0].mixture.pyton" in msg and "python" in msg
+
+
+def test_negative_and_empty_weights_rejected(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["mixture"]["prose"] = -0.5
+    assert "stages[0].mixture.prose" in _error(d) and "negative" in _error(d)
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][2]["mixture"] = {}
+    assert "stages[2].mixture" in _error(d) and "empty" in _error(d)
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][2]["mixture"] = {"python": 0.0}
+    assert "sum to zero" in _error(d)
+
+
+def test_missing_required_key_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    del d["stages"][0]["tokens"]
+    assert "stages[0].tokens: required key is missing" in _error(d)
+
+
+def test_missing_data_path_names_source_and_file(recipe_dict, tmp_path):
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["sources"]["mine"] = {"domain": "text", "path": str(tmp_path / "nope.jsonl")}
+    recipe = recipe_from_dict(d, "r.yaml")
+    with pytest.raises(RecipeError) as exc:
+        check_paths(recipe)
+    assert "data.sources.mine.path" in str(exc.value) and "nope.jsonl" in str(exc.value)
+
+
+def test_missing_tokenizer_file_is_named(recipe_dict, tmp_path):
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["tokenizer"] = {"path": str(tmp_path / "tok.json")}
+    with pytest.raises(RecipeError, match=r"data\.tokenizer\.path.*tok\.json"):
+        check_paths(recipe_from_dict(d, "r.yaml"))
+
+
+def test_continue_previous_needs_a_previous_stage(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["lr"] = {"continue_previous": True}
+    assert "stages[0].lr.continue_previous" in _error(d)
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["optimizer"] = {"eps": "1e-9"}  # PyYAML reads `1e-9` as a string
+    assert recipe_from_dict(d).optimizer.eps == 1e-9
+
+
+def test_recipe_file_not_found(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")

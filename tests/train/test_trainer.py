@@ -1,0 +1,179 @@
+"""Training end to end on the small real corpus: stages in order, checkpoints, logs, and exact resume after
+kill -9 and Ctrl-C."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from crystal_lm.config import recipe_from_dict
+from crystal_lm.train.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer
+from crystal_lm.train.metrics import read_jsonl
+from crystal_lm.train.trainer import RunDirError, train
+
+
+def test_run_writes_crystal_named_checkpoints_and_logs(trained_run):
+    _recipe, run_dir, summary = trained_run
+    names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+    assert names == [
+        "phase1_checkpoint_000003",
+        "phase1_checkpoint_000006",
+        "phase2_checkpoint_000003",
+        "phase2_checkpoint_000006",
+        "phase3_checkpoint_000002",
+        "phase3_checkpoint_000004",
+    ]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(metrics) == 16 and [m["global_step"] for m in metrics] == list(range(1, 17))
+    for m in metrics:
+        assert {"stage", "step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s"} <= set(m)
+        assert m["lr"]["hidden"] == pytest.approx(m["lr"]["embedding"] * 16 / 32)  # muP: base LR / m_d
+        assert m["lr"]["no_decay"] == m["lr"]["embedding"]
+    assert metrics[-1]["tokens"] == 16 * 4 * 64
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert [e["checkpoint"] for e in evals] == names
+    for e in evals:
+        assert {"text", "code", "prose", "technical", "python", "web"} <= set(e["val_loss"])
+    assert summary["complete"] and [s["name"] for s in summary["stages"]] == ["stage1", "stage2", "stage3"]
+    for s in summary["stages"]:
+        assert s["tokens"] > 0 and s["wall_s"] > 0 and {"text", "code"} <= set(s["val_loss"])
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["stages"][1]["val_loss"] == summary["stages"][1]["val_loss"]
+
+
+def test_stage2_keeps_the_optimizer_and_stage3_starts_fresh(trained_run):
+    _, run_dir, _ = trained_run
+
+    def adam_steps(name):
+        state = load_optimizer(run_dir / "checkpoints" / name)["optimizer"]["state"]
+        return {int(v["step"]) for v in state.values()}
+
+    assert adam_steps("phase1_checkpoint_000006") == {6}
+    assert adam_steps("phase2_checkpoint_000006") == {12}  # moments carried over from stage 1
+    assert adam_steps("phase3_checkpoint_000004") == {4}  # fresh optimizer from the stage-2 weights
+
+
+def test_rerunning_a_finished_run_changes_nothing(trained_run):
+    recipe, run_dir, summary = trained_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = train(recipe, run_dir)
+    assert again["stages"] == summary["stages"]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_another_recipe_cannot_take_over_a_run_folder(trained_run, recipe_dict):
+    _, run_dir, _ = trained_run
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["tokens"] *= 2
+    with pytest.raises(RunDirError, match="another recipe"):
+        train(recipe_from_dict(d), run_dir)
+
+
+def test_damaged_newest_checkpoint_is_skipped(trained_run, tmp_path, caplog):
+    _, run_dir, _ = trained_run
+    copy_dir = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", copy_dir)
+    newest = copy_dir / "phase3_checkpoint_000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    (copy_dir / ".phase3_checkpoint_000006.tmp123").mkdir()  # a save killed half-way
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(copy_dir).name == "phase3_checkpoint_000002"
+    assert "phase3_checkpoint_000004" in caplog.text and "checksum mismatch" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def _resume_recipe(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["model"].update(d_model=64, n_heads=4)
+    for st, steps in zip(d["stages"], (40, 40, 30), strict=True):
+        st["tokens"] = steps * 4 * 64
+        st["checkpoint_every"] = 10
+    d["stages"][0]["lr"]["decay_steps"] = 100
+    return d
+
+
+def _cli(recipe_path, out_dir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crystal_lm.cli", "train", str(recipe_path), "--out", str(out_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_checkpoints(proc, root, n, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list_checkpoints(root)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training ended before {n} checkpoints: {proc.stdout.read().decode()[-2000:]}"
+            )
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for checkpoints")
+
+
+def test_kill_and_ctrl_c_then_resume_equals_an_uninterrupted_run(
+    recipe_dict, write_recipe, tmp_path, prepared
+):
+    path = write_recipe(_resume_recipe(recipe_dict))
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "crystal_lm.cli", "train", str(path), "--out", str(straight)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+
+    proc = _cli(path, broken)
+    _wait_for_checkpoints(proc, broken / "checkpoints", 2)
+    proc.send_signal(signal.SIGKILL)  # kill -9, mid-run
+    proc.wait()
+    assert not (broken / "summary.json").exists()
+    killed_at = len(list_checkpoints(broken / "checkpoints"))
+
+    proc = _cli(path, broken)
+    _wait_for_checkpoints(proc, broken / "checkpoints", killed_at + 3)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out = proc.communicate()[0].decode()
+    assert proc.returncode == 130, out
+    assert not (broken / "summary.json").exists()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "crystal_lm.cli", "train", str(path), "--out", str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from" in done.stderr
+
+    a = read_jsonl(straight / "metrics.jsonl")
+    b = read_jsonl(broken / "metrics.jsonl")
+    assert [m["global_step"] for m in b] == list(range(1, 111))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [p.name for p in list_checkpoints(straight / "checkpoints")] == [
+        p.name for p in list_checkpoints(broken / "checkpoints")
+    ]
+    from safetensors.torch import load_file
+
+    final = "checkpoints/phase3_checkpoint_000030/model.safetensors"
+    wa, wb = load_file(str(straight / final)), load_file(str(broken / final))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-exact
+    assert (
+        json.loads((straight / "summary.json").read_text())["stages"][2]["val_loss"]
+        == json.loads((broken / "summary.json").read_text())["stages"][2]["val_loss"]
+    )
