@@ -200,7 +200,9 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what a run computes (used to refuse resuming another recipe)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        d = self.to_dict()
+        d["data"].pop("cache_dir")  # where data is cached does not change what is trained
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def resolve_path(self, path: str) -> Path:

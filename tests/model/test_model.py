@@ -38,13 +38,12 @@ def reference_forward(sd: dict[str, torch.Tensor], tokens: list[int], cfg: Model
             out[2 * i + 1] = b * math.cos(theta) + a * math.sin(theta)
         return out
 
-    x = p["wte.weight"][tokens] * mup.embeddings_scale
+    x = p["transformer.wte.weight"][tokens] * mup.embeddings_scale
     for layer in range(cfg.n_layers):
-        pre = f"blocks.{layer}."
+        pre = f"transformer.h.{layer}."
         h = ln(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"])
-        q = h @ p[pre + "attn.q_proj.weight"].T + p[pre + "attn.q_proj.bias"]
-        k = h @ p[pre + "attn.k_proj.weight"].T + p[pre + "attn.k_proj.bias"]
-        v = h @ p[pre + "attn.v_proj.weight"].T + p[pre + "attn.v_proj.bias"]
+        qkv = h @ p[pre + "attn.c_attn.weight"] + p[pre + "attn.c_attn.bias"]  # Conv1D: weight is [in, out]
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
         o = torch.zeros(T, d, dtype=torch.float64)
         for head in range(H):
             cols = slice(head * hd, (head + 1) * hd)
@@ -54,14 +53,14 @@ def reference_forward(sd: dict[str, torch.Tensor], tokens: list[int], cfg: Model
                 scores = (kh[: t + 1] @ qh[t]) / hd  # muP: 1/d_head
                 w = torch.softmax(scores, dim=0)
                 o[t, cols] = w @ v[: t + 1, cols]
-        x = x + o @ p[pre + "attn.out_proj.weight"].T + p[pre + "attn.out_proj.bias"]
+        x = x + o @ p[pre + "attn.c_proj.weight"] + p[pre + "attn.c_proj.bias"]
         h = ln(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"])
-        up = h @ p[pre + "mlp.up_proj.weight"].T + p[pre + "mlp.up_proj.bias"]
-        gate = h @ p[pre + "mlp.gate_proj.weight"].T + p[pre + "mlp.gate_proj.bias"]
+        up = h @ p[pre + "mlp.c_fc.weight"] + p[pre + "mlp.c_fc.bias"]
+        gate = h @ p[pre + "mlp.c_fc2.weight"] + p[pre + "mlp.c_fc2.bias"]
         m = up * (gate * torch.sigmoid(gate))
-        x = x + m @ p[pre + "mlp.down_proj.weight"].T + p[pre + "mlp.down_proj.bias"]
-    x = ln(x, p["ln_f.weight"], p["ln_f.bias"])
-    return (x @ p["wte.weight"].T) * (mup.output_alpha * mup.base_width / cfg.d_model)
+        x = x + m @ p[pre + "mlp.c_proj.weight"] + p[pre + "mlp.c_proj.bias"]
+    x = ln(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    return (x @ p["transformer.wte.weight"].T) * (mup.output_alpha * mup.base_width / cfg.d_model)
 
 
 def _randomised_model():
@@ -96,17 +95,17 @@ def test_kv_cache_decoding_equals_full_forward():
 def test_architecture_facts():
     model = build_model(CFG, MUP, seed=0)
     names = dict(model.named_parameters())
-    for proj in (
-        "attn.q_proj",
-        "attn.k_proj",
-        "attn.v_proj",
-        "attn.out_proj",
-        "mlp.up_proj",
-        "mlp.gate_proj",
-        "mlp.down_proj",
-    ):
-        assert f"blocks.0.{proj}.bias" in names  # Crystal has biases everywhere in blocks
-    assert "blocks.0.ln_1.bias" in names  # LayerNorm with bias, not RMSNorm
+    shapes = {
+        "attn.c_attn": (48, 144),
+        "attn.c_proj": (48, 48),
+        "mlp.c_fc": (48, 128),
+        "mlp.c_fc2": (48, 128),
+        "mlp.c_proj": (128, 48),
+    }
+    for name, shape in shapes.items():
+        assert names[f"transformer.h.0.{name}.weight"].shape == shape  # LLM360 layout: [in, out]
+        assert f"transformer.h.0.{name}.bias" in names  # Crystal has biases everywhere in blocks
+    assert "transformer.h.0.ln_1.bias" in names  # LayerNorm with bias, not RMSNorm
     assert not any("lm_head" in n for n in names)  # tied head: no separate matrix
     assert CFG.ffn_dim == int(8 * 48 / 3) and CFG.rotary_dim == 4
     d, f, V, L = CFG.d_model, CFG.ffn_dim, CFG.vocab_size, CFG.n_layers

@@ -33,14 +33,15 @@ def test_init_is_truncated_normal_with_crystal_stds():
     # A normal cut at ±2σ has std 0.8796σ.
     for w, std in (
         (model.wte.weight, stds.embedding),
-        (model.blocks[0].attn.q_proj.weight, stds.hidden),
-        (model.blocks[1].mlp.gate_proj.weight, stds.hidden),
-        (model.blocks[2].mlp.down_proj.weight, stds.output),
+        (model.blocks[0].attn.c_attn.weight, stds.hidden),
+        (model.blocks[1].mlp.c_fc2.weight, stds.hidden),
+        (model.blocks[2].attn.c_proj.weight, stds.output),
+        (model.blocks[2].mlp.c_proj.weight, stds.output),
     ):
         assert w.abs().max() <= 2 * std + 1e-7
         assert float(w.detach().std()) == pytest.approx(0.8796 * std, rel=0.05)
-    assert float(model.blocks[0].mlp.up_proj.bias.detach().abs().max()) == 0.0
-    assert float(model.blocks[0].mlp.gate_proj.bias.detach().abs().max()) == 0.0
+    assert float(model.blocks[0].mlp.c_fc.bias.detach().abs().max()) == 0.0
+    assert float(model.blocks[0].mlp.c_fc2.bias.detach().abs().max()) == 0.0
     assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(256))
 
 
@@ -50,11 +51,11 @@ def test_param_groups_follow_crystal():
     groups = {g["name"]: g for g in param_groups(model, 0.1, model.width_multiplier)}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     named = dict(model.named_parameters())
-    assert id(named["wte.weight"]) in ids["embedding"]
-    assert id(named["blocks.0.attn.q_proj.weight"]) in ids["hidden"]
-    assert id(named["blocks.1.mlp.down_proj.weight"]) in ids["hidden"]
-    assert id(named["blocks.0.attn.q_proj.bias"]) in ids["no_decay"]
-    assert id(named["ln_f.weight"]) in ids["no_decay"]
+    assert id(named["transformer.wte.weight"]) in ids["embedding"]
+    assert id(named["transformer.h.0.attn.c_attn.weight"]) in ids["hidden"]
+    assert id(named["transformer.h.1.mlp.c_proj.weight"]) in ids["hidden"]
+    assert id(named["transformer.h.0.attn.c_attn.bias"]) in ids["no_decay"]
+    assert id(named["transformer.ln_f.weight"]) in ids["no_decay"]
     assert groups["hidden"]["lr_scale"] == 0.25 and groups["hidden"]["weight_decay"] == 0.1
     assert groups["embedding"]["lr_scale"] == 1.0 and groups["embedding"]["weight_decay"] == 0.1
     assert groups["no_decay"]["weight_decay"] == 0.0

@@ -40,7 +40,7 @@ def test_run_writes_crystal_named_checkpoints_and_logs(trained_run):
         assert m["lr"]["no_decay"] == m["lr"]["embedding"]
     assert metrics[-1]["tokens"] == 16 * 4 * 64
     evals = read_jsonl(run_dir / "eval.jsonl")
-    assert [e["checkpoint"] for e in evals] == names
+    assert [e["checkpoint"] for e in evals] == [None, *names]  # the untrained model, then every checkpoint
     for e in evals:
         assert {"text", "code", "prose", "technical", "python", "web"} <= set(e["val_loss"])
     assert summary["complete"] and [s["name"] for s in summary["stages"]] == ["stage1", "stage2", "stage3"]

@@ -5,6 +5,9 @@ first 25% of each head's dims, SwiGLU `up ⊙ SiLU(gate)`, tied embeddings, no d
 over the whole packed window. The muP pieces of the forward pass (×α_in on embeddings, ×α_out/m_d on logits,
 q·kᵀ/d_head) live here too because they are part of the function the model computes; initialisation and
 per-group learning rates are in `crystal_lm.model.mup`. The model knows nothing of parallelism.
+
+Parameter names and layouts are LLM360's own (GPT-2 style: `transformer.h.{i}.attn.c_attn` with q|k|v fused,
+weights stored [in, out]), so a checkpoint of ours is a checkpoint in their layout.
 """
 
 from __future__ import annotations
@@ -19,21 +22,31 @@ from crystal_lm.model.loss import linear_cross_entropy
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+class Conv1D(nn.Module):
+    """A linear layer whose weight is stored [in, out], as in GPT-2 and LLM360's checkpoints."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
 def rotary_tables(
     rotary_dim: int, positions: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, rotary_dim/2] for the given positions (fp32)."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim
-    )
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    """cos/sin of shape [..., T, rotary_dim/2] for positions [..., T] (fp32)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim
+    angles = positions.float()[..., None] * (1.0 / theta**exponents)
     return angles.cos(), angles.sin()
 
 
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """GPT-J rotary on the first `2*cos.shape[-1]` dims of each head: rotate pairs (0,1), (2,3), ...
 
-    x: [B, H, T, D]; cos/sin: [T, R/2]. Dims past the rotary part pass through unchanged.
+    x: [B, H, T, D]; cos/sin: [T, R/2] or [B, 1, T, R/2]. Dims past the rotary part pass through unchanged.
     """
     rot = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
@@ -47,46 +60,50 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.head_dim, cfg.rotary_dim
         self.theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+        self.c_attn = Conv1D(cfg.d_model, 3 * cfg.d_model)  # [q | k | v]
+        self.c_proj = Conv1D(cfg.d_model, cfg.d_model)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         q, k, v = (
-            p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
+            t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=-1)
         )
         if self.rotary_dim:
             cos, sin = rotary_tables(self.rotary_dim, positions, self.theta)
+            if cos.ndim == 3:  # per-row positions [B, T] (left-padded batches)
+                cos, sin = cos[:, None], sin[:, None]
             q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
         if cache is not None:
             k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
-        # muP: scores are q·kᵀ / d_head, not / sqrt(d_head). A cached prefix makes the mask rectangular.
-        past = k.shape[2] - T
-        if past == 0:
+        # muP: scores are q·kᵀ / d_head, not / sqrt(d_head).
+        if mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
         else:
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if mask is None:  # a cached prefix makes the causal mask rectangular
+                past = k.shape[2] - T
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / self.head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.out_proj(y), (k, v)
+        return self.c_proj(y), (k, v)
 
 
 class SwiGLU(nn.Module):
-    """out = down(up(x) ⊙ SiLU(gate(x))); HF names: up = c_fc, gate = c_fc2, down = mlp.c_proj."""
+    """out = down(up(x) ⊙ SiLU(gate(x))) with up = c_fc, gate = c_fc2, down = c_proj (LLM360's names)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=True)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=True)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=True)
+        self.c_fc = Conv1D(cfg.d_model, cfg.ffn_dim)
+        self.c_fc2 = Conv1D(cfg.d_model, cfg.ffn_dim)
+        self.c_proj = Conv1D(cfg.ffn_dim, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x)))
+        return self.c_proj(self.c_fc(x) * F.silu(self.c_fc2(x)))
 
 
 class Block(nn.Module):
@@ -97,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None):
-        a, new_cache = self.attn(self.ln_1(x), positions, cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, mask=None):
+        a, new_cache = self.attn(self.ln_1(x), positions, cache, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, new_cache
@@ -108,9 +125,13 @@ class CrystalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, mup: MupConfig) -> None:
         super().__init__()
         self.cfg, self.mup = cfg, mup
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(cfg.vocab_size, cfg.d_model),
+                "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                "ln_f": nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps),
+            }
+        )
         # muP multipliers: α_in on embeddings; α_out / m_d on logits (tied head, no bias).
         self.embeddings_scale = mup.embeddings_scale
         self.logits_scale = mup.output_alpha * mup.base_width / cfg.d_model
@@ -119,17 +140,32 @@ class CrystalModel(nn.Module):
     def width_multiplier(self) -> float:
         return self.cfg.d_model / self.mup.base_width
 
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.transformer["wte"]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer["h"]
+
     def hidden_states(
-        self, tokens: torch.Tensor, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        past = cache[0][0].shape[2] if cache else 0
-        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        """Final-LayerNorm hidden states. `positions` ([T] or per row [B, T]) default to the cache offset
+        onwards; `mask` (bool, broadcastable to [B, 1, T, past+T], True = attend) replaces the causal mask."""
+        if positions is None:
+            past = cache[0][0].shape[2] if cache else 0
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         x = self.wte(tokens) * self.embeddings_scale
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, positions, cache[i] if cache else None)
+            x, kv = block(x, positions, cache[i] if cache else None, mask)
             new_cache.append(kv)
-        return self.ln_f(x), new_cache
+        return self.transformer["ln_f"](x), new_cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight) * self.logits_scale

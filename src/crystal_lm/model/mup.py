@@ -42,16 +42,10 @@ def init_weights(model: CrystalModel) -> None:
     stds = init_stds(model)
     _trunc_normal_(model.wte.weight, stds.embedding)
     for block in model.blocks:
-        for linear in (
-            block.attn.q_proj,
-            block.attn.k_proj,
-            block.attn.v_proj,
-            block.mlp.up_proj,
-            block.mlp.gate_proj,
-        ):
-            _trunc_normal_(linear.weight, stds.hidden)
-        for linear in (block.attn.out_proj, block.mlp.down_proj):
-            _trunc_normal_(linear.weight, stds.output)
+        for layer in (block.attn.c_attn, block.mlp.c_fc, block.mlp.c_fc2):  # q, k, v, up, gate
+            _trunc_normal_(layer.weight, stds.hidden)
+        for layer in (block.attn.c_proj, block.mlp.c_proj):  # attention out-projection, MLP down
+            _trunc_normal_(layer.weight, stds.output)
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.zero_()

@@ -40,12 +40,25 @@ def _mark_stages(ax, bounds: list[tuple[str, float, float]]) -> None:
         )
 
 
-def _ema(values: list[float], alpha: float = 0.05) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
+def _smooth(values: list[float]) -> list[float]:
+    """Trailing mean over ~2% of the run (at least 5 steps), so early steps do not drag the curve."""
+    window = max(5, len(values) // 50)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
     return out
+
+
+def _tokens_axis(ax) -> None:
+    def fmt(x, _pos):
+        for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+            if abs(x) >= scale:
+                return f"{x / scale:g}{unit}"
+        return f"{x:g}"
+
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt))
+    ax.set_xlabel("tokens seen")
 
 
 def plot_training_loss(metrics: list[dict], bounds, path: Path) -> None:
@@ -53,12 +66,13 @@ def plot_training_loss(metrics: list[dict], bounds, path: Path) -> None:
     x = [m["tokens"] for m in metrics]
     y = [m["loss"] for m in metrics]
     ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8, label="per step")
-    ax.plot(x, _ema(y), color="C0", linewidth=1.6, label="smoothed")
+    smooth = _smooth(y)
+    ax.plot(x, smooth, color="C0", linewidth=1.6, label="smoothed")
     _mark_stages(ax, bounds)
-    ax.set_xlabel("tokens seen")
+    _tokens_axis(ax)
     ax.set_ylabel("training loss")
-    lo = min(_ema(y)) if y else 0
-    ax.set_ylim(max(0.0, lo - 0.5), min(max(y), lo + 6) if y else 1)
+    lo = min(smooth) if y else 0
+    ax.set_ylim(max(0.0, lo - 0.5), min(max(y), lo + 5) if y else 1)
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -83,7 +97,10 @@ def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
             label=k,
         )
     _mark_stages(ax, bounds)
-    ax.set_xlabel("tokens seen")
+    _tokens_axis(ax)
+    trained = [v for e in evals if e["global_step"] > 0 for v in e["val_loss"].values()]
+    if trained:  # the untrained model's loss is far above; let its line leave the top of the plot
+        ax.set_ylim(min(trained) - 0.3, max(trained) + 0.5)
     ax.set_ylabel("validation loss (held-out)")
     ax.legend(loc="upper right", ncol=2, fontsize=8)
     ax.grid(alpha=0.3)
@@ -147,7 +164,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
     lines += [
         "",
-        "Change over each stage (end of stage vs end of the one before; stage 1 vs its first checkpoint):",
+        "Change over each stage (end of stage vs end of the one before; stage 1 vs the model before training):",
         "",
         "| stage | " + " | ".join(domains) + " |",
         "|---|" + "---:|" * len(domains),

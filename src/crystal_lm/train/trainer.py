@@ -101,19 +101,15 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
                 f"{old.get('fingerprint')}; this one is {fp}). Use a new --out folder."
             )
         return
-    record.write_text(
-        json.dumps(
-            {
-                "name": recipe.name,
-                "fingerprint": fp,
-                "source_file": recipe.source_file,
-                "recipe": recipe.to_dict(),
-            },
-            indent=1,
-            default=list,
-        )
-        + "\n"
-    )
+    body = {
+        "name": recipe.name,
+        "fingerprint": fp,
+        "source_file": recipe.source_file,
+        "recipe": recipe.to_dict(),
+    }
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1, default=list) + "\n")
+    tmp.replace(record)  # atomic: a kill never leaves half a record
     if recipe.source_file:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
 
@@ -192,6 +188,10 @@ def train(
         and not any(e["global_step"] == state.global_step for e in read_jsonl(evals.path))
     ):
         evals.write(_eval_record(recipe, state, resume.name))
+    if state.global_step == 0 and not read_jsonl(evals.path):
+        # The model before training: where each domain's loss starts from.
+        state.val_loss = validation_loss(model, data.val, recipe)
+        evals.write(_eval_record(recipe, state, None))
 
     schedules = stage_schedules(recipe)
     progress = Progress(sum(recipe.stage_steps(s) for s in recipe.stages), state.global_step)
@@ -273,7 +273,7 @@ def train(
     return write_summary(recipe, run_dir, state)
 
 
-def _eval_record(recipe: Recipe, state: TrainState, name: str) -> dict:
+def _eval_record(recipe: Recipe, state: TrainState, name: str | None) -> dict:
     return {
         "checkpoint": name,
         "stage": recipe.stages[state.stage_index].name,
