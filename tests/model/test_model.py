@@ -10,6 +10,7 @@ import torch
 
 from crystal_lm.config import ModelConfig, MupConfig
 from crystal_lm.model import build_model, count_parameters
+from crystal_lm.model.crystal import KVCache
 from crystal_lm.model.loss import linear_cross_entropy
 
 CFG = ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=3, max_seq_len=32)
@@ -75,7 +76,7 @@ def _randomised_model():
 def test_forward_matches_float64_reference():
     model = _randomised_model().double()
     tokens = [3, 17, 42, 5, 88, 1, 60, 7, 33, 2, 19]
-    ours, _ = model(torch.tensor([tokens]))
+    ours = model(torch.tensor([tokens]))
     ref = reference_forward(model.state_dict(), tokens, CFG, MUP)
     assert torch.allclose(ours[0], ref, rtol=1e-9, atol=1e-9)
 
@@ -83,11 +84,12 @@ def test_forward_matches_float64_reference():
 def test_kv_cache_decoding_equals_full_forward():
     model = _randomised_model().eval()
     tokens = torch.tensor([[5, 9, 2, 77, 31, 4, 8, 64]])
-    full, _ = model(tokens)
-    logits, cache = model(tokens[:, :3])
+    full = model(tokens)
+    cache = KVCache()
+    logits = model(tokens[:, :3], cache)
     steps = [logits[:, -1]]
     for t in range(3, tokens.shape[1]):
-        logits, cache = model(tokens[:, t : t + 1], cache)
+        logits = model(tokens[:, t : t + 1], cache)
         steps.append(logits[:, -1])
     assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 2:-1], atol=1e-5)
 
@@ -119,7 +121,7 @@ def test_loss_is_sum_over_mask_divided_by_all_positions():
     labels = torch.randint(0, CFG.vocab_size, (2, 10))
     mask = torch.ones(2, 10)
     mask[1, 6:] = 0
-    logits, _ = model(tokens)
+    logits = model(tokens)
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, CFG.vocab_size), labels.reshape(-1), reduction="none"
     )
@@ -144,3 +146,15 @@ def test_chunked_cross_entropy_gradients_match_dense():
     assert torch.allclose(ours, dense, rtol=1e-12)
     for a, b in zip(g_ours, g_dense, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    """Batched generation gives each row what it gets alone (positions restart after the padding)."""
+    from crystal_lm.eval.generate import Sampling, generate_batch
+
+    model = _randomised_model().eval()
+    prompts = [[5, 9, 2, 77, 31, 4, 8], [12, 3], [40, 41, 42, 43]]
+    greedy = Sampling(max_new_tokens=6, temperature=0)
+    together = generate_batch(model, prompts, greedy, stop_ids=set(), pad_id=0)
+    alone = [generate_batch(model, [p], greedy, stop_ids=set())[0] for p in prompts]
+    assert together == alone and all(len(r) == 6 for r in together)

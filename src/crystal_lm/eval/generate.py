@@ -11,6 +11,7 @@ import torch
 from crystal_lm.config import ModelConfig, MupConfig
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.model import CrystalModel, build_model
+from crystal_lm.model.crystal import KVCache
 from crystal_lm.train.checkpoint import CheckpointError, load_model_weights, verify_checkpoint
 
 
@@ -41,43 +42,89 @@ class Sampling:
     top_k: int | None = 50
     top_p: float | None = 0.95
     seed: int = 0
+    # Generation stops when the decoded text of a row contains one of these (it is cut before it).
+    stop: tuple[str, ...] = ()
 
 
-def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
+def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row of [B, V] logits: greedy at temperature 0, else top-k / top-p sampling."""
     if s.temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits.float() / s.temperature
     if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p is not None and s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set whose mass reaches top_p
-        logits[order[drop]] = float("-inf")
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 @torch.no_grad()
-def generate_ids(model: CrystalModel, prompt: list[int], sampling: Sampling, stop_ids: set[int]) -> list[int]:
-    """Sample continuation ids after `prompt` (KV cache; stops at a stop id or the context length)."""
+def generate_batch(
+    model: CrystalModel, prompts: list[list[int]], sampling: Sampling, stop_ids: set[int], pad_id: int = 0
+) -> list[list[int]]:
+    """Continuations of several prompts at once. Prompts are left-padded; each row's positions start at 0
+    at its first real token and padding is masked out, so a row's result does not depend on its neighbours
+    (the original remote code shifted rotary positions by the padding)."""
     gen = torch.Generator().manual_seed(sampling.seed)
     limit = model.cfg.max_seq_len
-    prompt = prompt[-(limit - 1) :]
-    logits, cache = model(torch.tensor([prompt]))
-    out: list[int] = []
-    for _ in range(min(sampling.max_new_tokens, limit - len(prompt))):
-        nxt = _pick(logits[0, -1], sampling, gen)
-        if nxt in stop_ids:
+    prompts = [p[-(limit - 1) :] for p in prompts]
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    real = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) :] = torch.tensor(p)
+        real[i, P - len(p) :] = True
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    # Padded query rows see only themselves (a row with no visible key would be NaN).
+    mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool)
+    cache = KVCache()
+    logits = model(tokens, cache, positions=positions, mask=mask[:, None])[:, -1]
+    next_pos = positions[:, -1] + 1
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(min(sampling.max_new_tokens, limit - P)):
+        nxt = _pick(logits, sampling, gen)
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if t in stop_ids:
+                done[i] = True
+            else:
+                out[i].append(t)
+        if done.all():
             break
-        out.append(nxt)
-        logits, cache = model(torch.tensor([[nxt]]), cache)
+        real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool)), dim=1)
+        logits = model(nxt[:, None], cache, positions=next_pos[:, None], mask=real[:, None, None, :])[:, -1]
+        next_pos = next_pos + 1
     return out
 
 
-def generate(model: CrystalModel, tok: Tokenizer, prompt: str, sampling: Sampling) -> str:
-    ids = generate_ids(model, [tok.bos_id, *tok.encode(prompt)], sampling, {tok.eos_id})
-    return tok.decode(ids, skip_special_tokens=True)
+def generate_ids(model: CrystalModel, prompt: list[int], sampling: Sampling, stop_ids: set[int]) -> list[int]:
+    """Sample continuation ids after `prompt` (KV cache; stops at a stop id or the context length)."""
+    return generate_batch(model, [prompt], sampling, stop_ids)[0]
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate(
+    model: CrystalModel, tok: Tokenizer, prompt: str | list[str], sampling: Sampling
+) -> str | list[str]:
+    """Text continuation(s) of a prompt or a batch of prompts (each starts with BOS, as in training)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    ids = generate_batch(
+        model, [[tok.bos_id, *tok.encode(p)] for p in prompts], sampling, {tok.eos_id}, pad_id=tok.eos_id
+    )
+    texts = [_cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop) for row in ids]
+    return texts[0] if isinstance(prompt, str) else texts
 
 
 def infill(
@@ -92,4 +139,6 @@ def infill(
     else:
         raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
     stops = {tok.eos_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id, tok.fim_pad_id}
-    return tok.decode(generate_ids(model, prompt, sampling, stops), skip_special_tokens=True)
+    return _cut_at_stop(
+        tok.decode(generate_ids(model, prompt, sampling, stops), skip_special_tokens=True), sampling.stop
+    )

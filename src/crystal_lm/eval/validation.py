@@ -35,7 +35,7 @@ def source_loss_sums(
         for r, w in enumerate(windows):
             mask[r, : w.valid - 1] = 1.0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            hidden, _ = model.hidden_states(tokens[:, :L])
+            hidden = model.hidden_states(tokens[:, :L])
             logits = model.logits(hidden).float()
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"

@@ -19,7 +19,24 @@ from torch import nn
 from crystal_lm.config import ModelConfig, MupConfig
 from crystal_lm.model.loss import linear_cross_entropy
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+class KVCache:
+    """Keys and values of past positions per layer; the interface of transformers' `DynamicCache`
+    (`update`, `get_seq_length`), so either can be passed to the model."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.layers):
+            self.layers.append((k, v))
+        else:
+            pk, pv = self.layers[layer_idx]
+            self.layers[layer_idx] = (torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2))
+        return self.layers[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx][0].shape[2] if len(self.layers) > layer_idx else 0
 
 
 class Conv1D(nn.Module):
@@ -56,8 +73,9 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.head_dim, cfg.rotary_dim
         self.theta = cfg.rope_theta
         self.c_attn = Conv1D(cfg.d_model, 3 * cfg.d_model)  # [q | k | v]
@@ -67,9 +85,9 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (
             t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=-1)
@@ -80,7 +98,7 @@ class Attention(nn.Module):
                 cos, sin = cos[:, None], sin[:, None]
             q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
         if cache is not None:
-            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            k, v = cache.update(k, v, self.layer_idx)
         # muP: scores are q·kᵀ / d_head, not / sqrt(d_head).
         if mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
@@ -90,7 +108,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / self.head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y), (k, v)
+        return self.c_proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -107,18 +125,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, mask=None):
-        a, new_cache = self.attn(self.ln_1(x), positions, cache, mask)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, new_cache
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache, mask)
+        return x + self.mlp(self.ln_2(x))
 
 
 class CrystalModel(nn.Module):
@@ -128,7 +144,7 @@ class CrystalModel(nn.Module):
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(cfg.vocab_size, cfg.d_model),
-                "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                "h": nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
                 "ln_f": nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps),
             }
         )
@@ -154,29 +170,27 @@ class CrystalModel(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
-        """Final-LayerNorm hidden states. `positions` ([T] or per row [B, T]) default to the cache offset
-        onwards; `mask` (bool, broadcastable to [B, 1, T, past+T], True = attend) replaces the causal mask."""
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states; `cache` (if given) is extended in place. `positions` ([T] or per row
+        [B, T]) default to the cache length onwards; `mask` (bool, broadcastable to [B, 1, T, past+T],
+        True = attend) replaces the causal mask."""
         if positions is None:
-            past = cache[0][0].shape[2] if cache else 0
+            past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         x = self.wte(tokens) * self.embeddings_scale
-        new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, positions, cache[i] if cache else None, mask)
-            new_cache.append(kv)
-        return self.transformer["ln_f"](x), new_cache
+        for block in self.blocks:
+            x = block(x, positions, cache, mask)
+        return self.transformer["ln_f"](x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight) * self.logits_scale
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        hidden, new_cache = self.hidden_states(tokens, cache)
-        return self.logits(hidden), new_cache
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, **kwargs) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, cache, **kwargs))
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Crystal's loss: Σ mask·CE / (B·T), i.e. divided by all positions, not by unmasked ones."""
-        hidden, _ = self.hidden_states(tokens)
+        hidden = self.hidden_states(tokens)
         return linear_cross_entropy(hidden, self.wte.weight, labels, loss_mask, self.logits_scale)
 
 
