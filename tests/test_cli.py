@@ -53,3 +53,28 @@ def test_generate_infill_eval_and_report(trained_run):
     assert abs(json.loads(out.stdout)["code"] - summary["stages"][2]["val_loss"]["code"]) < 1e-6
     out = crystal("report", str(run_dir))
     assert out.returncode == 0 and (run_dir / "report.md").is_file()
+
+
+def test_export_import_and_info_round_trip(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    ckpt = run_dir / "checkpoints" / "phase3_checkpoint_000004"
+    out = crystal("export", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()
+    }
+    out = crystal("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert out.returncode == 0, out.stderr
+    counts = [
+        json.loads(crystal("info", str(p), "--json").stdout)["parameters"]
+        for p in (ckpt, tmp_path / "hf", tmp_path / "back")
+    ]
+    assert counts[0] == counts[1] == counts[2] > 0
+    again = crystal("export", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_coord_check_command(tmp_path):
+    out = crystal("mup", "coord-check", "--out", str(tmp_path), "--widths", "64,128", "--steps", "2")
+    assert out.returncode == 0, out.stderr
+    assert "mup:" in out.stdout and (tmp_path / "coord_check.png").is_file()

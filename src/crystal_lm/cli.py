@@ -27,9 +27,37 @@ def _recipe(path: str, cache_dir: str | None) -> Recipe:
     return recipe
 
 
+def _info_of_folder(path: Path, as_json: bool) -> int:
+    """Parameter count of a checkpoint folder or an LLM360-layout folder, built from its config on meta."""
+    from crystal_lm.config import ModelConfig, MupConfig
+    from crystal_lm.interop.llm360 import from_hf_config
+    from crystal_lm.model import build_model, count_parameters
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no config.json (expected a recipe, a checkpoint or a Hugging Face folder)"
+        )
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format") == "crystal-lm":
+        model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
+    else:
+        model_cfg, mup = from_hf_config(config, str(path / "config.json"))
+    n = count_parameters(build_model(model_cfg, mup, device="meta"))
+    if as_json:
+        print(json.dumps({"path": str(path), "parameters": n, "model": vars(model_cfg), "mup": vars(mup)}))
+    else:
+        print(
+            f"{path}: {n:,} parameters (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
+            f"vocab {model_cfg.vocab_size})"
+        )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from crystal_lm.model import build_model, count_parameters
 
+    if Path(args.recipe).is_dir():
+        return _info_of_folder(Path(args.recipe), args.json)
     recipe = load_recipe(args.recipe)
     m = recipe.model
     model = build_model(m, recipe.mup, device="meta")
@@ -133,6 +161,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from crystal_lm.interop.llm360 import import_hf
+
+    print(f"imported: {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crystal_lm.interop.llm360 import export_hf
+
+    out = export_hf(
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        fold=args.fold_mup,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        overwrite=args.overwrite,
+    )
+    print(f"exported: {out}")
+    return 0
+
+
+def cmd_coord_check(args: argparse.Namespace) -> int:
+    from crystal_lm.model.coord_check import CoordCheckConfig, coord_check
+
+    cfg = CoordCheckConfig(
+        widths=tuple(int(w) for w in args.widths.split(",")), steps=args.steps, base_width=args.base_width
+    )
+    results = coord_check(args.out, cfg)
+    print("growth of activation size with width (slope of log size vs log width; 0 = flat):")
+    for param, by_act in results["growth"].items():
+        print(f"  {param:>3}: " + ", ".join(f"{a} {v:+.2f}" for a, v in by_act.items()))
+    print(f"plot: {Path(args.out) / 'coord_check.png'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from crystal_lm.report.report import write_report
 
@@ -193,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("info", help="parameter count and stages of a recipe")
-    p.add_argument("recipe")
+    p = sub.add_parser("info", help="parameter count of a recipe (and its stages), checkpoint or HF folder")
+    p.add_argument("recipe", help="recipe YAML, checkpoint folder or Hugging Face folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -209,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe (default: the run folder's recipe.yaml)")
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import", help="LLM360 Hugging Face folder → crystal-lm checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="crystal-lm checkpoint → LLM360 Hugging Face layout")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
+    p.add_argument("--fold-mup", action="store_true", help="standard-parametrisation variant (untied head)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    mup = sub.add_parser("mup", help="muP tools").add_subparsers(dest="mup_command", required=True)
+    p = mup.add_parser("coord-check", help="activation size against width, muP vs standard parametrisation")
+    p.add_argument("--out", required=True)
+    p.add_argument("--widths", default="64,128,256,512")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--base-width", type=int, default=64)
+    p.set_defaults(func=cmd_coord_check)
 
     p = sub.add_parser("report", help="write report.md and plots for a run")
     p.add_argument("run_dir")
@@ -239,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from crystal_lm.data.documents import DataError
     from crystal_lm.data.shards import ShardError
     from crystal_lm.data.tokenizer import TokenizerError
+    from crystal_lm.interop.llm360 import InteropError
     from crystal_lm.train.checkpoint import CheckpointError
     from crystal_lm.train.trainer import RunDirError
 
@@ -251,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         TokenizerError,
         CheckpointError,
         RunDirError,
+        InteropError,
         FileNotFoundError,
     ) as exc:
         print(f"crystal: error: {exc}", file=sys.stderr)

@@ -82,8 +82,9 @@ def generate_batch(
     causal = torch.ones(P, P, dtype=torch.bool).tril()
     # Padded query rows see only themselves (a row with no visible key would be NaN).
     mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool)
+    padded = not bool(real.all())
     cache = KVCache()
-    logits = model(tokens, cache, positions=positions, mask=mask[:, None])[:, -1]
+    logits = model(tokens, cache, positions=positions, mask=mask[:, None] if padded else None)[:, -1]
     next_pos = positions[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
@@ -100,7 +101,8 @@ def generate_batch(
         if done.all():
             break
         real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool)), dim=1)
-        logits = model(nxt[:, None], cache, positions=next_pos[:, None], mask=real[:, None, None, :])[:, -1]
+        step_mask = real[:, None, None, :] if padded else None
+        logits = model(nxt[:, None], cache, positions=next_pos[:, None], mask=step_mask)[:, -1]
         next_pos = next_pos + 1
     return out
 

@@ -78,13 +78,14 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.head_dim, cfg.rotary_dim
         self.theta = cfg.rope_theta
+        self.scale = 1.0 / self.head_dim if cfg.qk_scale == "d_head" else self.head_dim**-0.5
         self.c_attn = Conv1D(cfg.d_model, 3 * cfg.d_model)  # [q | k | v]
         self.c_proj = Conv1D(cfg.d_model, cfg.d_model)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -93,20 +94,17 @@ class Attention(nn.Module):
             t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=-1)
         )
         if self.rotary_dim:
-            cos, sin = rotary_tables(self.rotary_dim, positions, self.theta)
-            if cos.ndim == 3:  # per-row positions [B, T] (left-padded batches)
-                cos, sin = cos[:, None], sin[:, None]
-            q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
+            q, k = apply_interleaved_rotary(q, *rope), apply_interleaved_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # muP: scores are q·kᵀ / d_head, not / sqrt(d_head).
-        if mask is None and k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
+        if mask is None and (k.shape[2] == T or T == 1):  # plain causal, or one new token seeing all
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:
             if mask is None:  # a cached prefix makes the causal mask rectangular
                 past = k.shape[2] - T
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -132,8 +130,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), positions, cache, mask)
+    def forward(self, x: torch.Tensor, rope, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,6 +146,8 @@ class CrystalModel(nn.Module):
                 "ln_f": nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps),
             }
         )
+        if not cfg.tie_embeddings:  # only in standard-parametrisation exports (folded muP)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # muP multipliers: α_in on embeddings; α_out / m_d on logits (tied head, no bias).
         self.embeddings_scale = mup.embeddings_scale
         self.logits_scale = mup.output_alpha * mup.base_width / cfg.d_model
@@ -177,13 +177,20 @@ class CrystalModel(nn.Module):
         if positions is None:
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        cos, sin = rotary_tables(self.cfg.rotary_dim, positions, self.cfg.rope_theta)
+        if cos.ndim == 3:  # per-row positions [B, T] (left-padded batches)
+            cos, sin = cos[:, None], sin[:, None]
         x = self.wte(tokens) * self.embeddings_scale
         for block in self.blocks:
-            x = block(x, positions, cache, mask)
+            x = block(x, (cos, sin), cache, mask)
         return self.transformer["ln_f"](x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.wte.weight) * self.logits_scale
+        return F.linear(hidden, self.head_weight) * self.logits_scale
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, **kwargs) -> torch.Tensor:
         return self.logits(self.hidden_states(tokens, cache, **kwargs))
@@ -191,7 +198,7 @@ class CrystalModel(nn.Module):
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Crystal's loss: Σ mask·CE / (B·T), i.e. divided by all positions, not by unmasked ones."""
         hidden = self.hidden_states(tokens)
-        return linear_cross_entropy(hidden, self.wte.weight, labels, loss_mask, self.logits_scale)
+        return linear_cross_entropy(hidden, self.head_weight, labels, loss_mask, self.logits_scale)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -52,35 +52,38 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(
     directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
     state: TrainState,
     config: dict[str, Any],
-    tokenizer_path: Path,
+    tokenizer_path: Path | None,
 ) -> Path:
+    """Write a checkpoint folder atomically. `tensors` are saved as given (dtype kept)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "crystal-lm"})
-    torch.save(
-        {"optimizer": optimizer.state_dict() if optimizer else None, "torch_rng": torch.get_rng_state()},
-        tmp / "optimizer.pt",
-    )
+    torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
     sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1) + "\n")
     with open(tmp / "COMPLETE", "w") as f:
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
-    if directory.exists():  # re-saving the same step after a resume
+    if directory.exists():  # re-saving the same step after a resume, or replacing an import
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "model.safetensors"))
 
 
 def verify_checkpoint(directory: Path) -> None:
@@ -121,7 +124,7 @@ def load_state(directory: Path) -> TrainState:
 
 
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
-    tensors = load_file(str(Path(directory) / "model.safetensors"))
+    tensors = load_tensors(directory)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(

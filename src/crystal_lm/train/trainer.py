@@ -252,7 +252,12 @@ def train(
                     state.val_loss = validation_loss(model, data.val, recipe)
                     name = checkpoint_name(si, state.step)
                     save_checkpoint(
-                        ck_root / name, model, optimizer, state, checkpoint_config(recipe), tokenizer_path
+                        ck_root / name,
+                        model.state_dict(),
+                        optimizer.state_dict(),
+                        state,
+                        checkpoint_config(recipe),
+                        tokenizer_path,
                     )
                     evals.write(_eval_record(recipe, state, name))
                     progress.message(

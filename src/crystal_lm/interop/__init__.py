@@ -1,0 +1,1 @@
+"""Interop: LLM360's Hugging Face layout (`llm360`) and transformers' Auto classes (`transformers`)."""

@@ -1,0 +1,146 @@
+"""Crystal in transformers: `AutoModelForCausalLM.from_pretrained(EXPORT_DIR)` returns our model.
+
+Importing this module registers model type `crystalcoder` with transformers' Auto classes (no remote code).
+The transformers class holds our `CrystalModel`'s modules under LLM360's names, so an export (or LLM360's own
+checkpoint) loads with no renaming, and its logits are ours. transformers' `DynamicCache` is passed straight
+to our attention (same `update` interface); a 2-D attention mask gives per-row positions and key masking, so
+left-padded batched generation is correct.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from crystal_lm.interop.llm360 import from_hf_config
+from crystal_lm.model.crystal import CrystalModel
+
+
+class CrystalCoderConfig(PreTrainedConfig):
+    model_type = "crystalcoder"
+    attribute_map = {  # noqa: RUF012 (transformers' class attribute)
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 32032,
+        n_positions: int = 2048,
+        n_embd: int = 4096,
+        n_layer: int = 32,
+        n_head: int = 32,
+        n_inner: int | None = 10922,
+        activation_function: str = "swiglu",
+        layer_norm_epsilon: float = 1e-5,
+        position_embedding_type: str = "rotary",
+        rotary_dim: int = 32,
+        rope_theta: float = 10000.0,
+        scale_attn_weights: bool = True,
+        mup_scale_qk_dot_by_d: bool = True,
+        mup_embeddings_scale: float = 14.6,
+        mup_output_alpha: float = 2.22,
+        mup_width_scale: float = 0.0625,
+        attn_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0,
+        embd_pdrop: float = 0.0,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> None:
+        self.vocab_size, self.n_positions, self.n_embd = vocab_size, n_positions, n_embd
+        self.n_layer, self.n_head, self.n_inner = n_layer, n_head, n_inner
+        self.activation_function, self.layer_norm_epsilon = activation_function, layer_norm_epsilon
+        self.position_embedding_type, self.rotary_dim, self.rope_theta = (
+            position_embedding_type,
+            rotary_dim,
+            rope_theta,
+        )
+        self.scale_attn_weights, self.mup_scale_qk_dot_by_d = scale_attn_weights, mup_scale_qk_dot_by_d
+        self.mup_embeddings_scale, self.mup_output_alpha = mup_embeddings_scale, mup_output_alpha
+        self.mup_width_scale = mup_width_scale
+        self.attn_pdrop, self.resid_pdrop, self.embd_pdrop = attn_pdrop, resid_pdrop, embd_pdrop
+        self.use_cache = use_cache
+        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs.setdefault("bos_token_id", 1)
+        kwargs.setdefault("eos_token_id", 2)
+        super().__init__(**kwargs)
+
+
+class CrystalCoderLMHeadModel(PreTrainedModel, GenerationMixin):
+    config_class = CrystalCoderConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]  # noqa: RUF012
+
+    def __init__(self, config: CrystalCoderConfig) -> None:
+        super().__init__(config)
+        model_cfg, mup = from_hf_config(config.to_dict(), "CrystalCoderConfig")
+        core = CrystalModel(model_cfg, mup)
+        self.transformer = core.transformer  # LLM360's names: transformer.wte / h.{i} / ln_f
+        if not model_cfg.tie_embeddings:
+            self.lm_head = core.lm_head
+        object.__setattr__(self, "core", core)  # same modules, not registered twice
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Weights come from the checkpoint; fresh models use `crystal_lm.model.mup.init_weights`."""
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.transformer["wte"]
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.transformer["wte"] = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        past_key_values=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        T = input_ids.shape[1]
+        mask = None
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            keys = attention_mask.bool()  # [B, past + T]
+            S = keys.shape[1]
+            causal = torch.ones(T, S, dtype=torch.bool, device=keys.device).tril(diagonal=S - T)
+            mask = causal[None] & keys[:, None, :]
+            mask[:, torch.arange(T), torch.arange(S - T, S)] = True  # padded rows see themselves (no NaN)
+            mask = mask[:, None]
+            if position_ids is None:
+                position_ids = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        hidden = self.core.hidden_states(
+            input_ids, cache if use_cache else None, positions=position_ids, mask=mask
+        )
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.core.logits(hidden)
+        loss = None
+        if labels is not None:
+            shift = logits[:, :-1].float()
+            loss = F.cross_entropy(
+                shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def register() -> None:
+    AutoConfig.register("crystalcoder", CrystalCoderConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CrystalCoderConfig, CrystalCoderLMHeadModel, exist_ok=True)
+
+
+register()

@@ -1,0 +1,319 @@
+"""LLM360's Hugging Face layout for Crystal (crystal-spec §1.4): read it into our checkpoints and write ours out.
+
+Our parameter names and [in, out] layouts are already LLM360's, so conversion is about files and config keys:
+`config.json` (GPT-2 style keys plus muP multipliers), weights as `pytorch_model*.bin` or `*.safetensors`
+(single or sharded with an index), fp32 / bf16 / fp16, the tied `lm_head.weight` stored or not, and the
+non-persistent causal-mask buffers of the old fp32 shards. Every problem names the file, key or tensor, and
+nothing is written half-way: outputs are built in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from crystal_lm.config import ModelConfig, MupConfig
+from crystal_lm.data.tokenizer import Tokenizer
+from crystal_lm.model import build_model
+from crystal_lm.train.checkpoint import TrainState, load_tensors, save_checkpoint, verify_checkpoint
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in LLM360's fp32 shards
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InteropError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def to_hf_config(model: ModelConfig, mup: MupConfig, dtype: torch.dtype, tokenizer: Tokenizer | None) -> dict:
+    cfg: dict[str, Any] = {
+        "model_type": "crystalcoder",
+        "architectures": ["CrystalCoderLMHeadModel"],
+        "vocab_size": model.vocab_size,
+        "n_positions": model.max_seq_len,
+        "n_embd": model.d_model,
+        "n_layer": model.n_layers,
+        "n_head": model.n_heads,
+        "n_inner": model.ffn_dim,
+        "activation_function": "swiglu",
+        "layer_norm_epsilon": model.layer_norm_eps,
+        "position_embedding_type": "rotary",
+        "rotary_dim": model.rotary_dim,
+        "rope_theta": model.rope_theta,
+        "scale_attn_weights": True,
+        "mup_scale_qk_dot_by_d": model.qk_scale == "d_head",
+        "mup_embeddings_scale": mup.embeddings_scale,
+        "mup_output_alpha": mup.output_alpha,
+        "mup_width_scale": mup.base_width / model.d_model,
+        "tie_word_embeddings": model.tie_embeddings,
+        "attn_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "use_cache": True,
+        "bos_token_id": tokenizer.bos_id if tokenizer else 1,
+        "eos_token_id": tokenizer.eos_id if tokenizer else 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    return cfg
+
+
+def _need(cfg: dict, key: str, where: str) -> Any:
+    if key not in cfg:
+        raise InteropError(f"{where}: missing key {key!r}")
+    return cfg[key]
+
+
+def from_hf_config(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, MupConfig]:
+    """Our model and muP configs from an LLM360 `config.json` (any size)."""
+    if cfg.get("model_type") not in ("crystalcoder", None):
+        raise InteropError(f"{where}: model_type {cfg.get('model_type')!r} is not 'crystalcoder'")
+    for key, want in (("activation_function", "swiglu"), ("position_embedding_type", "rotary")):
+        if cfg.get(key, want) != want:
+            raise InteropError(f"{where}: {key} {cfg[key]!r} is not supported (Crystal uses {want!r})")
+    d, heads = int(_need(cfg, "n_embd", where)), int(_need(cfg, "n_head", where))
+    if d % heads:
+        raise InteropError(f"{where}: n_head {heads} does not divide n_embd {d}")
+    rotary_dim = int(cfg.get("rotary_dim", (d // heads) // 4))
+    width_scale = float(cfg.get("mup_width_scale", 1.0))
+    model = ModelConfig(
+        vocab_size=int(_need(cfg, "vocab_size", where)),
+        d_model=d,
+        n_layers=int(_need(cfg, "n_layer", where)),
+        n_heads=heads,
+        max_seq_len=int(cfg.get("n_positions", 2048)),
+        d_ff=int(cfg["n_inner"]) if cfg.get("n_inner") else None,
+        rotary_pct=rotary_dim / (d // heads),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),  # LLM360's code hard-codes 10000
+        layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        qk_scale="d_head" if cfg.get("mup_scale_qk_dot_by_d", False) else "sqrt_d_head",
+    )
+    mup = MupConfig(
+        base_width=round(d * width_scale),
+        embeddings_scale=float(cfg.get("mup_embeddings_scale", 1.0)),
+        output_alpha=float(cfg.get("mup_output_alpha", 1.0)),
+    )
+    if abs(mup.base_width / d - width_scale) > 1e-9:
+        raise InteropError(f"{where}: mup_width_scale {width_scale} × n_embd {d} is not a whole base width")
+    return model, mup
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise InteropError(f"{index}: not a weight index ({exc})") from None
+            files = sorted({hf_dir / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise InteropError(f"{f}: shard listed in {index_name} is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / single).is_file():
+            return [hf_dir / single]
+    raise InteropError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InteropError(f"{path}: unreadable or truncated weight file ({exc})") from None
+
+
+def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, MupConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an LLM360-layout folder, checked against the shapes the config implies."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise InteropError(f"{hf_dir}: no config.json")
+    model_cfg, mup = from_hf_config(json.loads(config_path.read_text()), str(config_path))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(hf_dir):
+        for name, t in _read_file(f).items():
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise InteropError(f"{f}: tensor {name} has dtype {t.dtype}; supported: fp32, bf16, fp16")
+            tensors[name] = t
+    expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, mup, device="meta").state_dict().items()}
+    if model_cfg.tie_embeddings and "lm_head.weight" in tensors:
+        head = tensors.pop("lm_head.weight")
+        if not torch.equal(head, tensors.get("transformer.wte.weight", head)):
+            raise InteropError(
+                f"{hf_dir}: lm_head.weight differs from transformer.wte.weight, but the config "
+                "says tie_word_embeddings"
+            )
+    for name, t in tensors.items():
+        if name not in expected:
+            raise InteropError(f"{hf_dir}: unknown tensor {name!r} for a Crystal model")
+        if tuple(t.shape) != expected[name]:
+            raise InteropError(
+                f"{hf_dir}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                f"{expected[name]} (check n_embd, n_inner, n_layer, vocab_size)"
+            )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise InteropError(f"{hf_dir}: missing tensors {missing[:4]}{' …' if len(missing) > 4 else ''}")
+    return model_cfg, mup, tensors
+
+
+# -------------------------------------------------------------------------------------- import/export
+
+
+def _checkpoint_config(model: ModelConfig, mup: MupConfig, source: str) -> dict:
+    return {
+        "format": "crystal-lm",
+        "recipe": source,
+        "model": asdict(model),
+        "mup": asdict(mup),
+        "seq_len": model.max_seq_len,
+    }
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InteropError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """An LLM360-layout folder → a crystal-lm checkpoint folder (tensors bit-exact, dtype kept)."""
+    hf_dir = Path(hf_dir)
+    _check_target(Path(out_dir), overwrite)
+    model_cfg, mup, tensors = read_hf_checkpoint(hf_dir)
+    tok_path = hf_dir / "tokenizer.json"
+    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+    if tokenizer is not None and tokenizer.max_id >= model_cfg.vocab_size:
+        raise InteropError(
+            f"{hf_dir}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's largest "
+            f"id {tokenizer.max_id}"
+        )
+    return save_checkpoint(
+        Path(out_dir),
+        tensors,
+        None,
+        TrainState(),
+        _checkpoint_config(model_cfg, mup, f"import:{hf_dir.name}"),
+        tok_path if tokenizer else None,
+    )
+
+
+def fold_mup(tensors: dict[str, torch.Tensor], model: ModelConfig, mup: MupConfig):
+    """Standard-parametrisation tensors computing the same function (crystal-spec §1.5): untied head with the
+    logit multiplier folded in, embeddings ×α_in, keys ÷ sqrt(d_head) so 1/sqrt(d_head) attention gives q·k/d_head."""
+    out = dict(tensors)
+    wte = tensors["transformer.wte.weight"]
+    out["lm_head.weight"] = (wte.double() * (mup.output_alpha * mup.base_width / model.d_model)).to(wte.dtype)
+    out["transformer.wte.weight"] = (wte.double() * mup.embeddings_scale).to(wte.dtype)
+    d, k_scale = model.d_model, 1.0 / math.sqrt(model.head_dim)
+    for i in range(model.n_layers):
+        for kind in ("weight", "bias"):
+            name = f"transformer.h.{i}.attn.c_attn.{kind}"
+            t = tensors[name].double().clone()
+            t[..., d : 2 * d] *= k_scale
+            out[name] = t.to(tensors[name].dtype)
+    folded_model = ModelConfig(**{**asdict(model), "tie_embeddings": False, "qk_scale": "sqrt_d_head"})
+    folded_mup = MupConfig(
+        base_width=model.d_model, init_std=mup.init_std, embeddings_scale=1.0, output_alpha=1.0
+    )
+    return out, folded_model, folded_mup
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def export_hf(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    fold: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """A crystal-lm checkpoint → LLM360's Hugging Face layout (config, safetensors shards, tokenizer files)."""
+    ckpt, out_dir = Path(checkpoint_dir), Path(out_dir)
+    _check_target(out_dir, overwrite)
+    verify_checkpoint(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
+    tensors = load_tensors(ckpt)
+    if dtype is not None:
+        if dtype not in DTYPE_NAMES:
+            raise InteropError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        tensors = {k: v.to(DTYPE_NAMES[dtype]) for k, v in tensors.items()}
+    if fold:
+        if not model_cfg.tie_embeddings:
+            raise InteropError(f"{ckpt}: already in standard parametrisation")
+        tensors, model_cfg, mup = fold_mup(tensors, model_cfg, mup)
+    tok_path = ckpt / "tokenizer.json"
+    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+    first_dtype = next(iter(tensors.values())).dtype
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = _shards(tensors, max_shard_bytes)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    hf_config = to_hf_config(model_cfg, mup, first_dtype, tokenizer)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    gen = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        # As LLM360's: no BOS added by the tokenizer (training documents did start with <s>).
+        tok_cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_cfg.max_seq_len,
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

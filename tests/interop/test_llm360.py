@@ -1,0 +1,276 @@
+"""LLM360's Hugging Face layout in and out: exact conversion, a spec-written float64 reference on a checkpoint
+built here in their layout, transformers loading, folded muP, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crystal_lm.config import load_recipe
+from crystal_lm.data.tokenizer import Tokenizer
+from crystal_lm.eval.generate import Sampling, generate_batch, load_checkpoint
+from crystal_lm.interop.llm360 import (
+    InteropError,
+    export_hf,
+    from_hf_config,
+    import_hf,
+    to_hf_config,
+)
+from crystal_lm.model import build_model, count_parameters
+from crystal_lm.train.checkpoint import load_tensors
+
+from ..conftest import REPO
+from ..model.test_model import reference_forward
+
+D, LAYERS, HEADS, FF, VOCAB = 48, 2, 3, 128, 512
+
+
+def _llm360_config(**over) -> dict:
+    cfg = {
+        "model_type": "crystalcoder",
+        "architectures": ["CrystalCoderLMHeadModel"],
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "n_embd": D,
+        "n_layer": LAYERS,
+        "n_head": HEADS,
+        "n_inner": FF,
+        "activation_function": "swiglu",
+        "layer_norm_epsilon": 1e-5,
+        "position_embedding_type": "rotary",
+        "rotary_dim": 4,
+        "scale_attn_weights": True,
+        "mup_scale_qk_dot_by_d": True,
+        "mup_embeddings_scale": 14.6,
+        "mup_output_alpha": 2.22,
+        "mup_width_scale": 0.25,
+        "tie_word_embeddings": True,
+        "attn_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "use_cache": True,
+        "auto_map": {"AutoConfig": "configuration_crystalcoder.CrystalCoderConfig"},
+    }
+    return cfg | over
+
+
+def _llm360_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors with LLM360's names and GPT-2 Conv1D [in, out] shapes (independent of our model code)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.05):
+        return torch.randn(*shape, generator=g) * s
+
+    t = {"transformer.wte.weight": r(VOCAB, D, s=0.073)}
+    for i in range(LAYERS):
+        p = f"transformer.h.{i}."
+        t |= {
+            p + "ln_1.weight": 1 + r(D, s=0.1),
+            p + "ln_1.bias": r(D, s=0.1),
+            p + "attn.c_attn.weight": r(D, 3 * D),
+            p + "attn.c_attn.bias": r(3 * D),
+            p + "attn.c_proj.weight": r(D, D),
+            p + "attn.c_proj.bias": r(D),
+            p + "ln_2.weight": 1 + r(D, s=0.1),
+            p + "ln_2.bias": r(D, s=0.1),
+            p + "mlp.c_fc.weight": r(D, FF),
+            p + "mlp.c_fc.bias": r(FF),
+            p + "mlp.c_fc2.weight": r(D, FF),
+            p + "mlp.c_fc2.bias": r(FF),
+            p + "mlp.c_proj.weight": r(FF, D),
+            p + "mlp.c_proj.bias": r(D),
+        }
+    return t | {"transformer.ln_f.weight": 1 + r(D, s=0.1), "transformer.ln_f.bias": r(D, s=0.1)}
+
+
+def _write_llm360_bin_shards(folder, tensors, tokenizer_path=None, config=None):
+    """The layout of LLM360's branch checkpoints: fp32 .bin shards with an index, lm_head stored, mask buffers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or _llm360_config()))
+    full = dict(tensors) | {"lm_head.weight": tensors["transformer.wte.weight"].clone()}
+    for i in range(LAYERS):
+        full[f"transformer.h.{i}.attn.bias"] = torch.ones(64, 64, dtype=torch.bool).tril()[None, None]
+        full[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    names = sorted(full)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for k, part in enumerate(halves, start=1):
+        fname = f"pytorch_model-{k:05d}-of-00002.bin"
+        torch.save({n: full[n] for n in part}, folder / fname)
+        weight_map |= {n: fname for n in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if tokenizer_path is not None:
+        (folder / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    return folder
+
+
+@pytest.fixture()
+def llm360_dir(tmp_path, prepared):
+    _, data = prepared
+    return _write_llm360_bin_shards(tmp_path / "llm360", _llm360_tensors(), data.tokenizer.path)
+
+
+def test_reference_forward_agrees_with_import_and_transformers(llm360_dir, tmp_path):
+    tensors = _llm360_tensors()
+    cfg, mup = from_hf_config(_llm360_config())
+    tokens = [1, 17, 42, 5, 300, 1, 60, 7, 33, 2, 19, 511]
+    ref = reference_forward(tensors, tokens, cfg, mup)
+
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    ours, _ = load_checkpoint(ckpt)
+    ours_logits = ours(torch.tensor([tokens]))[0].double()
+    assert torch.allclose(ours_logits, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+    from transformers import AutoModelForCausalLM
+
+    import crystal_lm.interop.hf_model  # noqa: F401  (registers crystalcoder)
+
+    export_hf(ckpt, tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert type(hf).__name__ == "CrystalCoderLMHeadModel"
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([tokens])).logits[0].double()
+    assert torch.allclose(hf_logits, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trips_are_bit_exact(tmp_path, dtype):
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {k: v.to(dtype) for k, v in _llm360_tensors(1).items()}
+    save_file(tensors, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(_llm360_config()))
+    ckpt = import_hf(src, tmp_path / "ckpt")  # export(import(y)) == y
+    out = export_hf(ckpt, tmp_path / "out", max_shard_bytes=40_000)  # several shards
+    assert (out / "model.safetensors.index.json").is_file()
+    back = import_hf(out, tmp_path / "ckpt2")  # import(export(x)) == x
+    a, b = load_tensors(ckpt), load_tensors(back)
+    assert set(a) == set(tensors) == set(b)
+    for k in tensors:
+        assert a[k].dtype == dtype and torch.equal(a[k], tensors[k]) and torch.equal(b[k], tensors[k])
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == "crystalcoder" and exported["mup_width_scale"] == 0.25
+    assert exported["torch_dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_transformers_generate_matches_ours_with_cache_and_left_padding(llm360_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import crystal_lm.interop.hf_model  # noqa: F401
+
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    export_hf(ckpt, tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    ours, _ = load_checkpoint(ckpt)
+    prompts = [[1, 5, 9, 2, 77, 31, 4], [1, 12, 3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    ours_out = generate_batch(ours, prompts, Sampling(max_new_tokens=6, temperature=0), stop_ids=set())
+    assert out[:, width:].tolist() == ours_out
+    alone = hf.generate(torch.tensor([prompts[1]]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert alone[0, len(prompts[1]) :].tolist() == ours_out[1]  # the padded row is unaffected by padding
+
+
+def test_folded_mup_export_computes_the_same_function(llm360_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import crystal_lm.interop.hf_model  # noqa: F401
+
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    export_hf(ckpt, tmp_path / "mup")
+    folded = export_hf(ckpt, tmp_path / "sp", fold=True)
+    config = json.loads((folded / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["mup_scale_qk_dot_by_d"] is False
+    assert (
+        config["mup_embeddings_scale"] == 1.0
+        and config["mup_output_alpha"] * config["mup_width_scale"] == 1.0
+    )
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "mup")(x).logits
+        b = AutoModelForCausalLM.from_pretrained(folded)(x).logits
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_7b_shape_survives_config_round_trip(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "crystal-7b.yaml")
+    hf = to_hf_config(recipe.model, recipe.mup, torch.bfloat16, None)
+    assert (hf["n_inner"], hf["rotary_dim"], hf["mup_width_scale"]) == (10922, 32, 0.0625)
+    model_cfg, mup = from_hf_config(json.loads(json.dumps(hf)))
+    assert count_parameters(build_model(model_cfg, mup, device="meta")) == 6_575_278_720
+    assert model_cfg == recipe.model and mup.base_width == 256
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _expect(folder, tmp_path, match):
+    with pytest.raises(InteropError, match=match):
+        import_hf(folder, tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # nothing written half-way
+
+
+def test_shape_disagreeing_with_config_names_the_tensor(tmp_path):
+    folder = _write_llm360_bin_shards(tmp_path / "m", _llm360_tensors(), config=_llm360_config(n_inner=100))
+    _expect(folder, tmp_path, r"tensor transformer\.h\.0\.mlp\.c_fc\.\w+ has shape .*config\.json implies")
+
+
+def test_missing_and_truncated_shards(tmp_path):
+    folder = _write_llm360_bin_shards(tmp_path / "m", _llm360_tensors())
+    shard = folder / "pytorch_model-00002-of-00002.bin"
+    shard.write_bytes(shard.read_bytes()[:200])
+    _expect(folder, tmp_path, r"pytorch_model-00002-of-00002\.bin: unreadable or truncated")
+    shard.unlink()
+    _expect(folder, tmp_path, r"pytorch_model-00002-of-00002\.bin: shard listed .* is missing")
+
+
+def test_unknown_dtype_and_unknown_tensor(tmp_path):
+    tensors = _llm360_tensors()
+    bad = dict(tensors) | {"transformer.h.0.ln_1.bias": torch.zeros(D, dtype=torch.int32)}
+    _expect(_write_llm360_bin_shards(tmp_path / "a", bad), tmp_path, r"ln_1\.bias has dtype torch\.int32")
+    extra = dict(tensors) | {"transformer.h.0.attn.q_norm.weight": torch.ones(D)}
+    _expect(
+        _write_llm360_bin_shards(tmp_path / "b", extra),
+        tmp_path,
+        r"unknown tensor 'transformer\.h\.0\.attn\.q_norm",
+    )
+    missing = {k: v for k, v in tensors.items() if "ln_f" not in k}
+    _expect(
+        _write_llm360_bin_shards(tmp_path / "c", missing), tmp_path, r"missing tensors \['transformer\.ln_f"
+    )
+
+
+def test_vocabulary_smaller_than_the_tokenizer(tmp_path, prepared):
+    _, data = prepared
+    small = _llm360_tensors()
+    small["transformer.wte.weight"] = small["transformer.wte.weight"][:256]
+    folder = _write_llm360_bin_shards(
+        tmp_path / "m", small, data.tokenizer.path, _llm360_config(vocab_size=256)
+    )
+    assert Tokenizer(folder / "tokenizer.json").max_id >= 256
+    _expect(folder, tmp_path, r"vocab_size 256 is smaller than the tokenizer's largest id")
+
+
+def test_unsupported_architecture_key(tmp_path):
+    folder = _write_llm360_bin_shards(
+        tmp_path / "m", _llm360_tensors(), config=_llm360_config(activation_function="gelu")
+    )
+    _expect(folder, tmp_path, r"activation_function 'gelu' is not supported")
+
+
+def test_export_refuses_to_overwrite(llm360_dir, tmp_path):
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(InteropError, match="--overwrite"):
+        export_hf(ckpt, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
