@@ -208,6 +208,7 @@ def _sampling(args: argparse.Namespace):
     from crystal_lm.eval.generate import Sampling
 
     return Sampling(
+        stop=tuple(args.stop or ()),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k or None,
@@ -220,7 +221,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystal_lm.eval.generate import generate, load_checkpoint
 
     model, tok = load_checkpoint(args.checkpoint)
-    print(args.prompt + generate(model, tok, args.prompt, _sampling(args)))
+    # Several --prompt options are generated as one left-padded batch.
+    for prompt, text in zip(args.prompt, generate(model, tok, args.prompt, _sampling(args)), strict=True):
+        print(prompt + text + ("\n" + "-" * 40 if len(args.prompt) > 1 else ""))
     return 0
 
 
@@ -242,6 +245,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -274,3 +274,25 @@ def test_export_refuses_to_overwrite(llm360_dir, tmp_path):
     with pytest.raises(InteropError, match="--overwrite"):
         export_hf(ckpt, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_export_loads_in_a_process_that_never_imported_crystal_lm(llm360_dir, tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    export = export_hf(ckpt, tmp_path / "export")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(export)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(export)!r})\n"
+        "ids = torch.tensor([[1, 17, 42, 5]])\n"
+        "print(type(m).__name__, m(ids).logits[0, -1, :3].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, logits = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    ours, _ = load_checkpoint(ckpt)
+    expected = ours(torch.tensor([[1, 17, 42, 5]]))[0, -1, :3].tolist()
+    assert name == "CrystalCoderLMHeadModel" and json.loads(logits) == pytest.approx(expected, rel=1e-6)

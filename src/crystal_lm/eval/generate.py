@@ -69,7 +69,8 @@ def generate_batch(
     """Continuations of several prompts at once. Prompts are left-padded; each row's positions start at 0
     at its first real token and padding is masked out, so a row's result does not depend on its neighbours
     (the original remote code shifted rotary positions by the padding)."""
-    gen = torch.Generator().manual_seed(sampling.seed)
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device).manual_seed(sampling.seed)
     limit = model.cfg.max_seq_len
     prompts = [p[-(limit - 1) :] for p in prompts]
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -78,29 +79,31 @@ def generate_batch(
     for i, p in enumerate(prompts):
         tokens[i, P - len(p) :] = torch.tensor(p)
         real[i, P - len(p) :] = True
+    tokens, real = tokens.to(device), real.to(device)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     # Padded query rows see only themselves (a row with no visible key would be NaN).
-    mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool)
+    mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
     padded = not bool(real.all())
     cache = KVCache()
     logits = model(tokens, cache, positions=positions, mask=mask[:, None] if padded else None)[:, -1]
     next_pos = positions[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = [False] * B
     for _ in range(min(sampling.max_new_tokens, limit - P)):
         nxt = _pick(logits, sampling, gen)
+        picked = nxt.tolist()
         for i in range(B):
             if done[i]:
                 continue
-            t = int(nxt[i])
+            t = picked[i]
             if t in stop_ids:
                 done[i] = True
             else:
                 out[i].append(t)
-        if done.all():
+        if all(done):
             break
-        real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool)), dim=1)
+        real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
         step_mask = real[:, None, None, :] if padded else None
         logits = model(nxt[:, None], cache, positions=next_pos[:, None], mask=step_mask)[:, -1]
         next_pos = next_pos + 1
