@@ -78,3 +78,20 @@ def test_coord_check_command(tmp_path):
     out = crystal("mup", "coord-check", "--out", str(tmp_path), "--widths", "64,128", "--steps", "2")
     assert out.returncode == 0, out.stderr
     assert "mup:" in out.stdout and (tmp_path / "coord_check.png").is_file()
+
+
+def test_eval_code_scores_a_completions_file(tmp_path):
+    from crystal_lm.eval.code import load_benchmark
+
+    tasks = load_benchmark("humaneval")[:6]
+    lines = [{"task_id": t.task_id, "completion": t.canonical} for t in tasks[:3]]
+    lines += [{"task_id": t.task_id, "completion": "    return None\n"} for t in tasks[3:]]
+    completions = tmp_path / "c.jsonl"
+    completions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = crystal(
+        "eval-code", "humaneval", "--completions", str(completions), "--out", str(tmp_path / "r.json")
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["pass@1"] == 0.5 and result["tasks"] == 6
+    assert result["per_task"][tasks[0].task_id]["results"][0]["status"] == "passed"

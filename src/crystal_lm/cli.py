@@ -197,6 +197,23 @@ def cmd_coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_code(args: argparse.Namespace) -> int:
+    from crystal_lm.eval.code import read_completions, score
+
+    result = score(
+        args.benchmark, read_completions(args.completions), timeout_s=args.timeout, workers=args.workers
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    ks = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@"))
+    print(
+        f"{args.benchmark}: {result['tasks']}/{result['tasks_in_benchmark']} tasks, {result['samples']} samples; "
+        f"{ks}; written {out}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from crystal_lm.report.report import write_report
 
@@ -301,6 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=64)
     p.set_defaults(func=cmd_coord_check)
 
+    p = sub.add_parser(
+        "eval-code", help="score completions of a code benchmark by running them in the sandbox"
+    )
+    p.add_argument(
+        "benchmark", choices=["humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi"]
+    )
+    p.add_argument("--completions", required=True, help="JSONL with task_id and completion per line")
+    p.add_argument("--out", required=True, help="result JSON (pass@k and per-task results)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")
+    p.set_defaults(func=cmd_eval_code)
+
     p = sub.add_parser("report", help="write report.md and plots for a run")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
@@ -330,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from crystal_lm.data.documents import DataError
     from crystal_lm.data.shards import ShardError
     from crystal_lm.data.tokenizer import TokenizerError
+    from crystal_lm.eval.code import BenchmarkError
     from crystal_lm.interop.llm360 import InteropError
     from crystal_lm.train.checkpoint import CheckpointError
     from crystal_lm.train.trainer import RunDirError
@@ -344,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         RunDirError,
         InteropError,
+        BenchmarkError,
         FileNotFoundError,
     ) as exc:
         print(f"crystal: error: {exc}", file=sys.stderr)

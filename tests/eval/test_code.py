@@ -1,0 +1,63 @@
+"""Code benchmarks: the correctness gate (canonical solutions pass, wrong ones fail) and pass@k."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crystal_lm.eval.code import BenchmarkError, load_benchmark, pass_at_k, read_completions, score
+
+
+def test_benchmark_sizes():
+    assert len(load_benchmark("humaneval")) == 164
+    mbpp = load_benchmark("mbpp")
+    assert len(mbpp) == 500 and mbpp[0].task_id == "MBPP/11" and mbpp[-1].task_id == "MBPP/510"
+    single, multi = load_benchmark("humaneval-infill-single"), load_benchmark("humaneval-infill-multi")
+    assert len(single) > 1000 and len(multi) > len(single)
+    t = single[0]
+    assert (
+        t.prompt + t.canonical + t.suffix
+        == load_benchmark("humaneval")[0].prompt + load_benchmark("humaneval")[0].canonical
+    )
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi"])
+def test_canonical_solutions_all_pass(name):
+    tasks = load_benchmark(name)
+    result = score(name, [(t.task_id, t.canonical) for t in tasks])
+    failing = {k: v["results"] for k, v in result["per_task"].items() if not v["correct"]}
+    assert result["pass@1"] == 1.0, list(failing.items())[:3]
+    assert result["tasks"] == len(tasks)
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_wrong_completions_score_zero(name):
+    tasks = load_benchmark(name)
+    wrong = (
+        "    assert False, 'deliberately wrong'\n" if name == "humaneval" else "def unrelated():\n    pass\n"
+    )
+    result = score(name, [(t.task_id, wrong) for t in tasks])
+    assert result["pass@1"] == 0.0
+
+
+def test_pass_at_k_estimator():
+    assert pass_at_k(20, 0, 1) == 0.0 and pass_at_k(20, 20, 10) == 1.0
+    assert pass_at_k(20, 5, 1) == pytest.approx(0.25)
+    assert pass_at_k(10, 1, 10) == 1.0
+    # 1 - C(15, 10)/C(20, 10)
+    assert pass_at_k(20, 5, 10) == pytest.approx(1 - 3003 / 184756)
+
+
+def test_samples_per_task_and_bad_input(tmp_path):
+    first = load_benchmark("humaneval")[0]
+    samples = [(first.task_id, first.canonical)] * 3 + [(first.task_id, "    return 0\n")]
+    result = score("humaneval", samples)
+    assert result["per_task"][first.task_id]["correct"] == 3 and result["pass@1"] == pytest.approx(0.75)
+    assert result["programs_run"] == 2  # identical programs run once
+    with pytest.raises(BenchmarkError, match="unknown task_id"):
+        score("humaneval", [("HumanEval/9999", "x")])
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(json.dumps({"task_id": "HumanEval/0"}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"c\.jsonl:1: need a JSON object"):
+        read_completions(bad)
