@@ -149,13 +149,8 @@ def write_report(run_dir: str | Path) -> Path:
     for s in summary["stages"]:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in _normalised(s["mixture"]).items())
         lines.append(f"| {s['name']} | {s['tokens']:,} | {s['wall_s']:.0f} | {mix} | {s['fim_rate']} |")
-    lines += [
-        "",
-        "## Validation loss at the end of each stage",
-        "",
-        "| stage | " + " | ".join(domains) + " |",
-        "|---|" + "---:|" * len(domains),
-    ]
+    header = ["| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    lines += ["", "## Validation loss at the end of each stage", "", *header]
     start = evals[0]["val_loss"] if evals else {}
     prev = None
     for s in summary["stages"]:
@@ -166,8 +161,7 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "Change over each stage (end of stage vs end of the one before; stage 1 vs the model before training):",
         "",
-        "| stage | " + " | ".join(domains) + " |",
-        "|---|" + "---:|" * len(domains),
+        *header,
     ]
     for s in summary["stages"]:
         end = s["val_loss"] or {}
