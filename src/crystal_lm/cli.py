@@ -1,12 +1,17 @@
 """`crystal`: a thin command line over the package. Verbs follow the parts of the system:
 
-crystal data prepare RECIPE       build the embedded corpus, tokenizer and packed shards (cached)
-crystal info RECIPE               model shape and parameter count (built on the meta device), stages
-crystal train RECIPE --out DIR    run every stage; run again to resume after an interruption
-crystal eval RUN_DIR|CHECKPOINT   per-domain validation loss of a checkpoint
-crystal report RUN_DIR            report.md and plots of a run
-crystal generate CHECKPOINT --prompt TEXT
-crystal infill CHECKPOINT --prefix TEXT --suffix TEXT
+data prepare RECIPE          build the embedded corpus, tokenizer and packed shards (cached)
+info RECIPE|CKPT|HF_DIR      model shape and parameter count (built on the meta device), stages
+train RECIPE --out DIR       run every stage; run again to resume after an interruption
+eval RUN_DIR|CKPT            per-domain validation loss of a checkpoint
+eval-lm CKPT --out R.json    language benchmarks through lm-evaluation-harness, offline
+eval-code BENCH --completions F.jsonl --out R.json   run code completions in the sandbox, pass@k
+report RUN_DIR               report.md and plots of a run
+generate CKPT --prompt TEXT  sample text (several --prompt: one left-padded batch)
+infill CKPT --prefix P --suffix S   fill in the middle through the FIM tokens
+import HF_DIR --out CKPT     LLM360's Hugging Face layout → checkpoint
+export CKPT --out HF_DIR     checkpoint → LLM360's layout (transformers loads it)
+mup coord-check --out DIR    muP coordinate check plot
 """
 
 from __future__ import annotations
@@ -214,6 +219,26 @@ def cmd_eval_code(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_lm(args: argparse.Namespace) -> int:
+    from crystal_lm.eval.language import evaluate_language
+
+    shots = (
+        {k: int(v) for k, v in (item.split("=") for item in args.shots.split(","))} if args.shots else None
+    )
+    result = evaluate_language(
+        args.checkpoint, args.tasks.split(","), limit=args.limit, shots=shots, batch_size=args.batch_size
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"checkpoint": str(args.checkpoint), "limit": args.limit, "results": result}
+    out.write_text(json.dumps(body, indent=1) + "\n")
+    for name, r in result.items():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float))
+        print(f"{name} ({r['shots']}-shot, {r['n']} docs): {metrics}")
+    print(f"written {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from crystal_lm.report.report import write_report
 
@@ -329,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")
     p.set_defaults(func=cmd_eval_code)
+
+    p = sub.add_parser("eval-lm", help="language benchmarks through lm-evaluation-harness, offline")
+    p.add_argument("checkpoint")
+    p.add_argument(
+        "--tasks", default="arc_challenge,arc_easy,hellaswag,winogrande,piqa,boolq,openbookqa,mmlu,gsm8k"
+    )
+    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--shots", help="override Crystal's shot counts, e.g. mmlu=0,hellaswag=0")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="result JSON")
+    p.set_defaults(func=cmd_eval_lm)
 
     p = sub.add_parser("report", help="write report.md and plots for a run")
     p.add_argument("run_dir")

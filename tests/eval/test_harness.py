@@ -65,3 +65,18 @@ def test_generate_until_stops_at_stop_strings(both):
         [Instance("generate_until", {}, ("def main():\n", {"until": ["\n"], "max_gen_toks": 12}), 0)]
     )
     assert len(out) == 1 and "\n" not in out[0]
+
+
+@pytest.mark.slow
+def test_all_nine_language_benchmarks_run_offline(trained_run):
+    from crystal_lm.eval.language import LANGUAGE_BENCHMARKS, evaluate_language
+
+    _, run_dir, _ = trained_run
+    result = evaluate_language(
+        run_dir / "checkpoints" / "phase3_checkpoint_000004",
+        list(LANGUAGE_BENCHMARKS),
+        limit=2,
+        shots={"arc_challenge": 2, "hellaswag": 2, "mmlu": 1},
+    )
+    assert set(result) == set(LANGUAGE_BENCHMARKS)
+    assert result["mmlu"]["subjects"] == 57 and result["mmlu"]["n"] == 114

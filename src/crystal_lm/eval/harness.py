@@ -74,7 +74,8 @@ class CrystalLM(TemplateLM):
             for i in chunk:
                 _, context_enc, continuation_enc = requests[i]
                 inputs.append((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
-                cont_lens.append(len(continuation_enc))
+                # A continuation longer than the window: only its last tokens can be scored.
+                cont_lens.append(min(len(continuation_enc), len(inputs[-1])))
             width = max(map(len, inputs))
             batch = torch.full((len(inputs), width), self.eot_token_id, dtype=torch.long)
             for r, inp in enumerate(inputs):  # right padding: causal attention never looks at it
@@ -124,7 +125,7 @@ class CrystalLM(TemplateLM):
                 top_p=gen_kwargs.get("top_p"),
                 stop=tuple(until),
             )
-            prompt = self.tok_encode(context)[-(self.max_length - max_gen) :]
+            prompt = self.tok_encode(context)[-max(1, self.max_length - max_gen) :]
             ids = generate_batch(self.model, [prompt], sampling, {self.eot_token_id})[0]
             text = self.tok_decode(ids)
             for stop in until:
