@@ -48,9 +48,10 @@ def test_generate_infill_eval_and_report(trained_run):
         "--json",
     )
     assert out.returncode == 0 and set(json.loads(out.stdout)) == {"prefix", "middle", "suffix"}
-    out = crystal("eval", ckpt)
+    out = crystal("eval", ckpt, "--json", "--store", str(run_dir / "cli-eval.jsonl"))
     assert out.returncode == 0, out.stderr
-    assert abs(json.loads(out.stdout)["code"] - summary["stages"][2]["val_loss"]["code"]) < 1e-6
+    (record,) = json.loads(out.stdout)
+    assert abs(record["metrics"]["code"] - summary["stages"][2]["val_loss"]["code"]) < 1e-6
     out = crystal("report", str(run_dir))
     assert out.returncode == 0 and (run_dir / "report.md").is_file()
 

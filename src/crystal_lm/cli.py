@@ -144,25 +144,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from crystal_lm.data.prepare import prepare_data
-    from crystal_lm.eval.generate import load_checkpoint
-    from crystal_lm.eval.validation import validation_loss
+def _run_dir_of(target: Path) -> Path | None:
+    for candidate in (target, target.parent.parent):
+        if (candidate / "recipe.json").is_file():
+            return candidate
+    return None
 
-    target = Path(args.target)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crystal_lm.eval.sweep import sweep
+
+    targets = [Path(t) for t in args.targets]
+    run_dir = _run_dir_of(targets[0])
+    tasks = args.tasks.split(",")
+    recipe = None
     if args.recipe:
         recipe = _recipe(args.recipe, args.cache_dir)
-    else:  # the recipe the run was trained with, as recorded in its folder
-        run_dir = target if (target / "recipe.json").is_file() else target.parent.parent
-        if not (run_dir / "recipe.json").is_file():
-            raise FileNotFoundError(f"{target}: no recipe.json in its run folder; pass --recipe")
+    elif run_dir is not None:  # the recipe the run was trained with, as recorded in its folder
         record = json.loads((run_dir / "recipe.json").read_text())
         recipe = recipe_from_dict(record["recipe"], record.get("source_file"))
         if args.cache_dir:
             recipe.data.cache_dir = args.cache_dir
-    model, _ = load_checkpoint(target)
-    data = prepare_data(recipe)
-    print(json.dumps(validation_loss(model, data.val, recipe), indent=1))
+    if args.store:
+        store = Path(args.store)
+    elif run_dir is not None:
+        store = run_dir / "eval" / "results.jsonl"
+        store.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        raise FileNotFoundError(f"{targets[0]}: not inside a run folder; pass --store RESULTS.jsonl")
+    records = sweep(
+        targets,
+        tasks,
+        store,
+        limit=args.limit,
+        seed=args.seed,
+        recipe=recipe,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    for r in records:
+        m = r["metrics"]
+        main = {k: m[k] for k in ("code", "text", "acc", "acc_norm", "exact_match", "pass@1") if k in m}
+        print(
+            f"{r['checkpoint']:<28} {r['tokens']:>14,} {r['task']:<14} "
+            + ", ".join(f"{k} {v:.4f}" for k, v in main.items())
+        )
+    print(f"results: {store}", file=sys.stderr)
     return 0
 
 
@@ -314,10 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss per domain of a checkpoint (or a run's newest)")
-    p.add_argument("target")
-    p.add_argument("--recipe", help="recipe (default: the run folder's recipe.yaml)")
+    p = sub.add_parser("eval", help="evaluate checkpoints (a run folder = all of them); resumable sweep")
+    p.add_argument("targets", nargs="+", help="run folders and/or checkpoint folders")
+    p.add_argument(
+        "--tasks",
+        default="val_loss",
+        help="val_loss, language benchmarks (arc_easy, mmlu, ...), humaneval, mbpp; comma-separated",
+    )
+    p.add_argument("--limit", type=int, help="documents / problems per task (default: all)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--store", help="results JSONL (default: RUN_DIR/eval/results.jsonl)")
+    p.add_argument("--recipe", help="recipe for val_loss (default: the run folder's)")
     p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import", help="LLM360 Hugging Face folder → crystal-lm checkpoint")
