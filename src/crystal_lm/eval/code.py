@@ -23,7 +23,8 @@ from crystal_lm.eval import sandbox
 BENCHMARKS = ("humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi")
 # Crystal's sampling settings (crystal-spec §6.1): HumanEval T=0.2 n=20, MBPP T=0.1 n=16.
 CRYSTAL_SETTINGS = {"humaneval": {"temperature": 0.2, "n": 20}, "mbpp": {"temperature": 0.1, "n": 16}}
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+# Where a function-completion ends (bigcode-evaluation-harness' HumanEval/MBPP stop sequences, plus a docstring).
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""')
 
 
 class BenchmarkError(ValueError):

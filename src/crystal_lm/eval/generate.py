@@ -115,7 +115,8 @@ def generate_ids(model: CrystalModel, prompt: list[int], sampling: Sampling, sto
     return generate_batch(model, [prompt], sampling, stop_ids)[0]
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
     cuts = [text.find(s) for s in stops if s and s in text]
     return text[: min(cuts)] if cuts else text
 
@@ -128,7 +129,7 @@ def generate(
     ids = generate_batch(
         model, [[tok.bos_id, *tok.encode(p)] for p in prompts], sampling, {tok.eos_id}, pad_id=tok.eos_id
     )
-    texts = [_cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop) for row in ids]
+    texts = [cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop) for row in ids]
     return texts[0] if isinstance(prompt, str) else texts
 
 
@@ -144,6 +145,6 @@ def infill(
     else:
         raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
     stops = {tok.eos_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id, tok.fim_pad_id}
-    return _cut_at_stop(
+    return cut_at_stop(
         tok.decode(generate_ids(model, prompt, sampling, stops), skip_special_tokens=True), sampling.stop
     )

@@ -11,19 +11,19 @@ checkpoints or tasks, does only the missing work. Tasks:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from crystal_lm.eval.code import BenchmarkError, load_benchmark, score
+from crystal_lm.eval.code import STOP_SEQUENCES, BenchmarkError, load_benchmark, score
 from crystal_lm.eval.language import CRYSTAL_SHOTS, evaluate_language
 from crystal_lm.train.checkpoint import list_checkpoints, load_state, verify_checkpoint
 from crystal_lm.train.metrics import JsonlLog, read_jsonl
 
 CODE_TASKS = ("humaneval", "mbpp")
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""')
 
 
 def checkpoints_of(targets: list[str | Path]) -> list[Path]:
@@ -44,6 +44,7 @@ def _weights_hash(ckpt: Path) -> str:
     return json.loads((ckpt / "checksums.json").read_text())["model.safetensors"][:16]
 
 
+@functools.cache
 def _data_hash(task: str, val_manifest: str | None) -> str:
     if task == "val_loss":
         return hashlib.sha256((val_manifest or "").encode()).hexdigest()[:16]
@@ -59,7 +60,7 @@ def record_key(weights: str, task: str, shots: int, seed: int, limit: int | None
 
 
 def _code_pass_at_1(ckpt: Path, task: str, limit: int | None, max_new_tokens: int = 128) -> dict[str, Any]:
-    from crystal_lm.eval.generate import Sampling, generate_batch, load_checkpoint
+    from crystal_lm.eval.generate import Sampling, cut_at_stop, generate_batch, load_checkpoint
 
     model, tok = load_checkpoint(ckpt)
     tasks = load_benchmark(task)[:limit] if limit else load_benchmark(task)
@@ -75,9 +76,9 @@ def _code_pass_at_1(ckpt: Path, task: str, limit: int | None, max_new_tokens: in
             pad_id=tok.eos_id,
         )
         for t, row in zip(batch, ids, strict=True):
-            text = tok.decode(row, skip_special_tokens=True)
-            cuts = [text.find(s) for s in CODE_STOPS if s in text]
-            completions.append((t.task_id, text[: min(cuts)] if cuts else text))
+            completions.append(
+                (t.task_id, cut_at_stop(tok.decode(row, skip_special_tokens=True), STOP_SEQUENCES))
+            )
     result = score(task, completions)
     return {"pass@1": result["pass@1"], "n": result["tasks"], "samples_per_task": 1, "temperature": 0.0}
 
