@@ -179,6 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         recipe=recipe,
+        code_settings=args.code_settings,
         log=lambda m: print(m, file=sys.stderr),
     )
     if args.json:
@@ -234,11 +235,32 @@ def cmd_coord_check(args: argparse.Namespace) -> int:
 def cmd_eval_code(args: argparse.Namespace) -> int:
     from crystal_lm.eval.code import read_completions, score
 
-    result = score(
-        args.benchmark, read_completions(args.completions), timeout_s=args.timeout, workers=args.workers
-    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint:
+        from crystal_lm.eval.code_generation import CodeSettings, generate_completions
+        from crystal_lm.eval.generate import load_checkpoint
+
+        settings = CodeSettings.named(args.settings, args.benchmark)
+        model, tok = load_checkpoint(args.checkpoint)
+        from crystal_lm.train.metrics import count_progress
+
+        completions = generate_completions(
+            model,
+            tok,
+            args.benchmark,
+            settings,
+            args.limit,
+            seed=args.seed,
+            progress=count_progress(f"{args.benchmark} samples"),
+        )
+        written = out.with_suffix(".completions.jsonl")
+        with open(written, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in completions)
+        print(f"completions: {written}", file=sys.stderr)
+    else:
+        completions = read_completions(args.completions)
+    result = score(args.benchmark, completions, timeout_s=args.timeout, workers=args.workers)
     out.write_text(json.dumps(result, indent=1) + "\n")
     ks = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@"))
     print(
@@ -348,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks",
         default="val_loss",
-        help="val_loss, language benchmarks (arc_easy, mmlu, ...), humaneval, mbpp; comma-separated",
+        help="comma-separated: val_loss, memorization, language benchmarks (arc_easy, mmlu, ...), "
+        "humaneval, mbpp, humaneval-infill-single, humaneval-infill-multi",
+    )
+    p.add_argument(
+        "--code-settings",
+        choices=["greedy", "crystal"],
+        default="greedy",
+        help="code benchmarks: greedy pass@1, or Crystal's sampling (HumanEval T=0.2 n=20, MBPP T=0.1 n=16)",
     )
     p.add_argument("--limit", type=int, help="documents / problems per task (default: all)")
     p.add_argument("--seed", type=int, default=1234)
@@ -387,7 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "benchmark", choices=["humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi"]
     )
-    p.add_argument("--completions", required=True, help="JSONL with task_id and completion per line")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--completions", help="JSONL with task_id and completion per line")
+    source.add_argument("--checkpoint", help="generate the completions with this checkpoint (or run folder)")
+    p.add_argument("--settings", default="greedy", help="with --checkpoint: greedy, crystal, psm or spm")
+    p.add_argument("--limit", type=int, help="with --checkpoint: the first N problems")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON (pass@k and per-task results)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")

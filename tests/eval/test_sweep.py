@@ -14,15 +14,15 @@ def test_sweep_covers_every_checkpoint_once_and_resumes(trained_run, tmp_path, m
     import crystal_lm.eval.sweep as sw
 
     calls = []
-    real = sw._code_pass_at_1
+    real = sw._code_task
 
-    def counting(ckpt, task, limit, max_new_tokens=128):
+    def counting(ckpt, task, settings, limit, seed):
         calls.append((ckpt.name, task))
         if len(calls) == 3:
             raise KeyboardInterrupt  # interrupted mid-sweep
-        return real(ckpt, task, limit, max_new_tokens=16)
+        return real(ckpt, task, settings, limit, seed)
 
-    monkeypatch.setattr(sw, "_code_pass_at_1", counting)
+    monkeypatch.setattr(sw, "_code_task", counting)
     with pytest.raises(KeyboardInterrupt):
         sweep([run_dir], ["val_loss", "humaneval"], store, limit=3, recipe=recipe, log=lambda m: None)
     partial = read_jsonl(store)

@@ -18,3 +18,30 @@ def test_report_has_tables_and_plots(trained_run):
         assert f"({png})" in text
     code_end = summary["stages"][1]["val_loss"]["code"]
     assert f"{code_end:.3f}" in text
+
+
+def test_report_analyses_benchmarks_across_checkpoints(trained_run):
+    """A real sweep (language, code, memorization) over every checkpoint, then the analysis section."""
+    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.report.report import averages, benchmark_table
+
+    recipe, run_dir, _ = trained_run
+    store = run_dir / "eval" / "results.jsonl"
+    store.parent.mkdir(exist_ok=True)
+    records = sweep(
+        [run_dir], ["arc_easy", "mbpp", "memorization"], store, limit=2, recipe=recipe, log=lambda m: None
+    )
+    tasks, rows = benchmark_table(records)
+    assert tasks == ["arc_easy", "mbpp", "memorization"]
+    assert [row["tokens"] for row in rows] == sorted(row["tokens"] for row in rows) and len(rows) == 6
+    avg = averages(tasks, rows)
+    assert avg[0]["language_tasks"] == ["arc_easy"] and avg[0]["code_tasks"] == ["mbpp"]
+    assert all(a["language"] == row["arc_easy"] for a, row in zip(avg, rows, strict=True))
+    text = write_report(run_dir).read_text()
+    assert "## Benchmarks across checkpoints" in text and "| phase3_checkpoint_000004 |" in text
+    for png in ("benchmarks.png", "language_vs_code.png", "memorization.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in text
+    final_memo = next(
+        r for r in records if r["task"] == "memorization" and r["step"] == 4 and r["stage_index"] == 2
+    )
+    assert f"{final_memo['metrics']['score']:.3f} of 32 greedy tokens" in text

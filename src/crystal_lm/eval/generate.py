@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +65,17 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tens
 
 @torch.no_grad()
 def generate_batch(
-    model: CrystalModel, prompts: list[list[int]], sampling: Sampling, stop_ids: set[int], pad_id: int = 0
+    model: CrystalModel,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    stop_ids: set[int],
+    pad_id: int = 0,
+    finished: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Continuations of several prompts at once. Prompts are left-padded; each row's positions start at 0
     at its first real token and padding is masked out, so a row's result does not depend on its neighbours
-    (the original remote code shifted rotary positions by the padding)."""
+    (the original remote code shifted rotary positions by the padding). A row also ends when
+    `finished(its ids so far)` is true (e.g. its text reached a stop string)."""
     device = model.wte.weight.device
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     limit = model.cfg.max_seq_len
@@ -101,6 +108,7 @@ def generate_batch(
                 done[i] = True
             else:
                 out[i].append(t)
+                done[i] = finished is not None and finished(out[i])
         if all(done):
             break
         real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)

@@ -124,6 +124,157 @@ def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
     plt.close(fig)
 
 
+CODE_TASKS = ("humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi")
+
+
+def headline(task: str, metrics: dict) -> float | None:
+    """The one number a task is judged by: pass@1 for code, acc_norm / acc / exact match for language."""
+    if task in CODE_TASKS:
+        return metrics.get("pass@1")
+    if task == "memorization":
+        return metrics.get("score")
+    for key in ("acc_norm", "acc", "exact_match"):
+        if isinstance(metrics.get(key), int | float):
+            return float(metrics[key])
+    return None
+
+
+def benchmark_table(results: list[dict]) -> tuple[list[str], list[dict]]:
+    """Per checkpoint (in token order): tokens, stage and the headline of each scored task. Where a task was
+    evaluated more than once for a checkpoint (another limit or settings), the latest record counts."""
+    rows: dict[str, dict] = {}
+    for r in results:
+        if r["task"] == "val_loss":
+            continue
+        row = rows.setdefault(
+            r["weights"], {"checkpoint": r["checkpoint"], "tokens": r["tokens"], "stage": r["stage_index"]}
+        )
+        row[r["task"]] = headline(r["task"], r["metrics"])
+    tasks = sorted({k for row in rows.values() for k in row} - {"checkpoint", "tokens", "stage"})
+    tasks.sort(key=lambda t: (t == "memorization", t in CODE_TASKS, t))
+    return tasks, sorted(rows.values(), key=lambda row: row["tokens"])
+
+
+def averages(tasks: list[str], rows: list[dict]) -> list[dict]:
+    """Language and code averages per checkpoint over the tasks every checkpoint has (so points compare)."""
+    common = [t for t in tasks if t != "memorization" and all(row.get(t) is not None for row in rows)]
+    language = [t for t in common if t not in CODE_TASKS]
+    code = [t for t in common if t in CODE_TASKS]
+    out = []
+    for row in rows:
+        out.append(
+            {
+                "tokens": row["tokens"],
+                "language": sum(row[t] for t in language) / len(language) if language else None,
+                "code": sum(row[t] for t in code) / len(code) if code else None,
+                "language_tasks": language,
+                "code_tasks": code,
+            }
+        )
+    return out
+
+
+def plot_benchmarks(tasks: list[str], rows: list[dict], bounds, path: Path) -> None:
+    cols = min(3, len(tasks))
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.9 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        pts = [(row["tokens"], row[task]) for row in rows if row.get(task) is not None]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, color="C0")
+        _mark_stages(ax, bounds)
+        _tokens_axis(ax)
+        ax.set_title(task, fontsize=9, pad=14)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_language_vs_code(avg: list[dict], bounds, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, key in enumerate(("language", "code")):
+        pts = [(a["tokens"], a[key]) for a in avg if a[key] is not None]
+        if pts:
+            tasks = ", ".join(avg[0][f"{key}_tasks"])
+            ax.plot(
+                *zip(*pts, strict=True), marker="o", markersize=3, color=f"C{i}", label=f"{key} ({tasks})"
+            )
+    _mark_stages(ax, bounds)
+    _tokens_axis(ax)
+    ax.set_ylabel("average score")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memorization(records: list[dict], bounds, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    records = sorted(records, key=lambda r: r["tokens"])
+    for key, label, color in (
+        ("score", "trained samples", "C3"),
+        ("heldout_score", "held-out (control)", "C7"),
+    ):
+        pts = [(r["tokens"], r["metrics"][key]) for r in records if r["metrics"].get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, color=color, label=label)
+    _mark_stages(ax, bounds)
+    _tokens_axis(ax)
+    ax.set_ylabel("memorization score\n(32-token greedy match)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def analysis_section(run_dir: Path, bounds) -> list[str]:
+    """Benchmarks across checkpoints from the sweep store (`crystal eval RUN_DIR --tasks ...`)."""
+    results = read_jsonl(run_dir / "eval" / "results.jsonl")
+    tasks, rows = benchmark_table(results)
+    if not rows or not tasks:
+        return [
+            "## Benchmarks across checkpoints",
+            "",
+            "No benchmark results yet: `crystal eval RUN_DIR --tasks arc_easy,hellaswag,humaneval,memorization` "
+            "evaluates every checkpoint, then run `crystal report` again.",
+        ]
+    lines = ["## Benchmarks across checkpoints", ""]
+    lines += ["| checkpoint | tokens | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for row in rows:
+        cells = " | ".join(_fmt(row.get(t)) for t in tasks)
+        lines.append(f"| {row['checkpoint']} | {row['tokens']:,} | {cells} |")
+    lines += [
+        "",
+        "Headline metric per task: pass@1 for code, acc_norm (else acc, else exact match) for language, "
+        "the trained-sample match for memorization.",
+        "",
+    ]
+    scored = [t for t in tasks if t != "memorization"]
+    if scored:
+        plot_benchmarks(scored, rows, bounds, run_dir / "benchmarks.png")
+        lines += ["![benchmarks against tokens seen](benchmarks.png)", ""]
+        avg = averages(tasks, rows)
+        if any(a["language"] is not None or a["code"] is not None for a in avg):
+            plot_language_vs_code(avg, bounds, run_dir / "language_vs_code.png")
+            lines += ["![language average and code average](language_vs_code.png)", ""]
+    memo = [r for r in results if r["task"] == "memorization"]
+    if memo:
+        plot_memorization(memo, bounds, run_dir / "memorization.png")
+        last = max(memo, key=lambda r: r["tokens"])["metrics"]
+        lines += [
+            "![memorization across checkpoints](memorization.png)",
+            "",
+            f"Memorization at the last checkpoint: {_fmt(last['score'])} of 32 greedy tokens reproduced on "
+            f"trained samples ({last['n']} probes), {_fmt(last['heldout_score'])} on held-out text.",
+            "",
+        ]
+    return lines
+
+
 def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -169,6 +320,7 @@ def write_report(run_dir: str | Path) -> Path:
         cells = [f"{(end[d] - base[d]) / base[d]:+.1%}" if d in end and d in base else "–" for d in domains]
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
         prev = end or prev
+    lines += ["", *analysis_section(run_dir, bounds)]
     lines += [
         "",
         "## Plots",

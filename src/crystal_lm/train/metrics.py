@@ -88,3 +88,20 @@ class Progress:
             self.stream.write("\r" + " " * 100 + "\r")
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def count_progress(label: str, stream: TextIO = sys.stderr, every_s: float = 10.0):
+    """A `progress(done, total)` callback printing items done, rate and ETA at most every `every_s`."""
+    start, last = time.time(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] < every_s and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        stream.write(f"{label}: {done}/{total} | {rate:.1f}/s | ETA {_hms(eta)}\n")
+        stream.flush()
+
+    return progress
