@@ -96,3 +96,27 @@ def test_eval_code_scores_a_completions_file(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["pass@1"] == 0.5 and result["tasks"] == 6
     assert result["per_task"][tasks[0].task_id]["results"][0]["status"] == "passed"
+
+
+def test_data_order_sample_and_stats_commands(trained_run):
+    """The published order through the CLI, from the run folder's recorded recipe, agrees with training."""
+    from crystal_lm.data.loader import StageData
+    from crystal_lm.data.prepare import prepare_data
+
+    recipe, run_dir, _ = trained_run
+    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "4", "--count", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["index"] for r in records] == [4, 5, 6] and all(r["step"] == 1 for r in records)
+    stage = StageData(recipe, prepare_data(recipe), 1)
+    assert [r["source"] for r in records] == [stage.sample(i)[3] for i in (4, 5, 6)]
+    out = crystal("data", "sample", str(run_dir), "--stage", "stage2", "--index", "5", "--json")
+    sample = json.loads(out.stdout)
+    assert sample["input_ids"] == stage.sample(5)[0].tolist()
+    assert sample["loss_mask"] == stage.sample(5)[2].astype(int).tolist()
+    out = crystal("data", "stats", str(run_dir))
+    assert out.returncode == 0 and "stage3" in out.stdout and "python" in out.stdout
+    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
+    assert out.returncode == 2 and "out of range" in out.stderr and "Traceback" not in out.stderr
+    out = crystal("data", "order", str(run_dir), "--stage", "7")
+    assert out.returncode == 2 and "stages 1-3" in out.stderr

@@ -1,12 +1,15 @@
 """`crystal`: a thin command line over the package. Verbs follow the parts of the system:
 
 data prepare RECIPE          build the embedded corpus, tokenizer and packed shards (cached)
+data order RECIPE --stage N  the published data order: source, window, documents of each sample index
+data sample RECIPE --stage N --index I   one sample's token ids and loss mask, as trained
+data stats RECIPE            per stage and source: tokens, share, epochs, FIM rate
 info RECIPE|CKPT|HF_DIR      model shape and parameter count (built on the meta device), stages
 train RECIPE --out DIR       run every stage; run again to resume after an interruption
-eval RUN_DIR|CKPT            per-domain validation loss of a checkpoint
+eval RUN_DIR|CKPT --tasks T  resumable sweep over checkpoints: val loss, benchmarks, memorization
 eval-lm CKPT --out R.json    language benchmarks through lm-evaluation-harness, offline
-eval-code BENCH --completions F.jsonl --out R.json   run code completions in the sandbox, pass@k
-report RUN_DIR               report.md and plots of a run
+eval-code BENCH --completions F.jsonl|--checkpoint CKPT --out R.json   code benchmarks in the sandbox
+report RUN_DIR               report.md and plots of a run (training, benchmarks across checkpoints)
 generate CKPT --prompt TEXT  sample text (several --prompt: one left-padded batch)
 infill CKPT --prefix P --suffix S   fill in the middle through the FIM tokens
 import HF_DIR --out CKPT     LLM360's Hugging Face layout → checkpoint
@@ -130,6 +133,84 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     print(
         f"tokenizer: {data.tokenizer.path} (sha256 {data.tokenizer.sha256[:16]}…, {data.tokenizer.vocab_size} ids)"
     )
+    return 0
+
+
+def _recipe_or_run(path: str, cache_dir: str | None) -> Recipe:
+    """A recipe YAML, or a run / release folder (the recipe it recorded, `recipe.json`)."""
+    folder = Path(path)
+    if folder.is_dir():
+        record_path = folder / "recipe.json"
+        if not record_path.is_file():
+            raise RecipeError(f"{folder}: a folder without recipe.json; pass a recipe YAML or a run folder")
+        record = json.loads(record_path.read_text())
+        recipe = recipe_from_dict(record["recipe"], record.get("source_file"))
+        if cache_dir:
+            recipe.data.cache_dir = cache_dir
+        return recipe
+    return _recipe(path, cache_dir)
+
+
+def _stage_index(recipe: Recipe, stage: str) -> int:
+    """`--stage` is a stage number from 1 (as in checkpoint names) or a stage name."""
+    names = [s.name for s in recipe.stages]
+    if stage in names:
+        return names.index(stage)
+    if stage.isdigit() and 1 <= int(stage) <= len(names):
+        return int(stage) - 1
+    raise RecipeError(f"--stage {stage}: the recipe has stages 1-{len(names)} ({', '.join(names)})")
+
+
+def cmd_data_order(args: argparse.Namespace) -> int:
+    from crystal_lm.data.order import order_records
+    from crystal_lm.data.prepare import prepare_data
+
+    recipe = _recipe_or_run(args.recipe, args.cache_dir)
+    records = order_records(
+        recipe, prepare_data(recipe), _stage_index(recipe, args.stage), args.start, args.count
+    )
+    for r in records:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            docs = ", ".join(f"{d['id']}[{d['start']}:{d['end']}]" for d in r["documents"])
+            fim = " FIM" if r["fim"] else ""
+            print(
+                f"{r['index']:>9} step {r['step']:>7} {r['source']:<12} #{r['sample']} e{r['epoch']}{fim}: {docs}"
+            )
+    return 0
+
+
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    from crystal_lm.data.order import sample_record
+    from crystal_lm.data.prepare import prepare_data
+
+    recipe = _recipe_or_run(args.recipe, args.cache_dir)
+    data = prepare_data(recipe)
+    record = sample_record(recipe, data, _stage_index(recipe, args.stage), args.index)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"sample {record['index']} of stage {args.stage}: {record['source']} #{record['sample']}")
+        print(data.tokenizer.decode(record["input_ids"]))
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from crystal_lm.data.order import stage_stats
+    from crystal_lm.data.prepare import prepare_data
+
+    recipe = _recipe_or_run(args.recipe, args.cache_dir)
+    rows = stage_stats(recipe, prepare_data(recipe))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'stage':<10} {'source':<12} {'tokens':>14} {'share':>7} {'epochs':>8} {'FIM':>5}")
+    for r in rows:
+        print(
+            f"{r['stage_name']:<10} {r['source']:<12} {r['tokens']:>14,} {r['share']:>7.1%} "
+            f"{r['epochs']:>8.3f} {r['fim_rate']:>5.2f}"
+        )
     return 0
 
 
@@ -354,6 +435,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_data_prepare)
 
+    p = data.add_parser("order", help="the published data order: what each global sample index holds")
+    p.add_argument("recipe", help="recipe YAML, or a run / release folder")
+    p.add_argument("--stage", required=True, help="stage number (from 1) or name")
+    p.add_argument("--start", type=int, default=0, help="first global sample index")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="one JSON record per line")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_data_order)
+    p = data.add_parser("sample", help="one sample's token ids and loss mask, as trained")
+    p.add_argument("recipe", help="recipe YAML, or a run / release folder")
+    p.add_argument("--stage", required=True, help="stage number (from 1) or name")
+    p.add_argument("--index", type=int, required=True, help="global sample index in the stage")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_data_sample)
+    p = data.add_parser("stats", help="per stage and source: tokens, share, epochs, FIM rate")
+    p.add_argument("recipe", help="recipe YAML, or a run / release folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.set_defaults(func=cmd_data_stats)
+
     p = sub.add_parser("info", help="parameter count of a recipe (and its stages), checkpoint or HF folder")
     p.add_argument("recipe", help="recipe YAML, checkpoint folder or Hugging Face folder")
     p.add_argument("--json", action="store_true")
@@ -484,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         InteropError,
         BenchmarkError,
         FileNotFoundError,
+        ValueError,
     ) as exc:
+        if args.verbose:
+            raise
         print(f"crystal: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,226 @@
+"""The published data order: for any stage and global sample index, what the trainer saw.
+
+A stage trains on global samples [0, steps × batch_size); the batch of step t is [t·B, (t+1)·B). Sample g is
+drawn by the stage's mixture (a pure function of seed, stage and g) from one source's packed training
+windows, so the order can be recomputed for any index without replaying the run. An order record names the
+source, the window, which pass over the source the draw belongs to, and the documents (with token offsets
+inside each document's `<s> … </s>` form) whose tokens make up the window. Offsets come from the shards'
+`documents.jsonl`, loaded once per shard set into arrays and searched by bisection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystal_lm.config import Recipe
+from crystal_lm.data.loader import StageData
+from crystal_lm.data.mixture import Mixture
+from crystal_lm.data.prepare import PreparedData
+from crystal_lm.data.shards import ShardError, ShardSet
+
+
+@dataclass
+class _DocumentIndex:
+    """A shard set's documents as arrays: id and [start, end) position in the packed token stream."""
+
+    ids: list[str]
+    starts: np.ndarray  # int64, ascending
+    ends: np.ndarray  # int64, starts + tokens
+
+    def spans(self, lo: int, hi: int) -> list[dict]:
+        """The documents overlapping stream positions [lo, hi), with offsets inside each document."""
+        first = int(np.searchsorted(self.ends, lo, side="right"))  # first document ending after lo
+        last = int(np.searchsorted(self.starts, hi, side="left"))  # documents starting before hi
+        out = []
+        for k in range(first, last):
+            s, e = int(self.starts[k]), int(self.ends[k])
+            out.append({"id": self.ids[k], "start": max(lo, s) - s, "end": min(hi, e) - s})
+        return out
+
+
+_INDEXES: weakref.WeakKeyDictionary[ShardSet, _DocumentIndex] = weakref.WeakKeyDictionary()
+
+
+def _document_index(shards: ShardSet) -> _DocumentIndex:
+    cached = _INDEXES.get(shards)
+    if cached is not None:
+        return cached
+    ids: list[str] = []
+    starts: list[int] = []
+    lengths: list[int] = []
+    for d in shards.documents():
+        ids.append(d["id"])
+        starts.append(d["start"])
+        lengths.append(d["tokens"])
+    start_arr = np.asarray(starts, dtype=np.int64)
+    end_arr = start_arr + np.asarray(lengths, dtype=np.int64)
+    contiguous = len(ids) == 0 or (start_arr[0] == 0 and np.array_equal(start_arr[1:], end_arr[:-1]))
+    total = int(end_arr[-1]) if len(ids) else 0
+    if not contiguous or total != shards.n_tokens:
+        raise ShardError(
+            f"{shards.dir}/documents.jsonl: document offsets do not tile the packed stream "
+            f"({total} tokens listed, index.json says {shards.n_tokens}); rebuild the shards"
+        )
+    index = _DocumentIndex(ids, start_arr, end_arr)
+    _INDEXES[shards] = index
+    return index
+
+
+def stage_samples(recipe: Recipe, stage_index: int) -> int:
+    """Global samples the trainer draws in a stage: its steps × batch size."""
+    return recipe.stage_steps(recipe.stages[stage_index]) * recipe.train.batch_size
+
+
+def _stage(recipe: Recipe, stage_index: int) -> None:
+    if not 0 <= stage_index < len(recipe.stages):
+        raise ValueError(
+            f"stage index {stage_index} out of range: the recipe has {len(recipe.stages)} stages"
+        )
+
+
+def _check_range(recipe: Recipe, stage_index: int, start: int, count: int) -> None:
+    total = stage_samples(recipe, stage_index)
+    if start < 0 or count < 0 or start + count > total:
+        name = recipe.stages[stage_index].name
+        asked = f"sample {start}" if count <= 1 else f"samples [{start}, {start + count})"
+        raise ValueError(
+            f"stage {stage_index} '{name}': {asked} out of range; the stage has {total} samples, "
+            f"valid indices are [0, {total})"
+        )
+
+
+def _draw(mixture: Mixture, index: int) -> tuple[str, int, int]:
+    """(source, sample, epoch) of a global index; the epoch is the pass over the source this draw is in."""
+    source, sample = mixture(index)
+    b, j = divmod(int(index), mixture.block)
+    labels, ranks = mixture._block(b)
+    s = int(labels[j])
+    draw = b * int(mixture.counts[s]) + int(ranks[j])  # the same draw number Mixture.__call__ uses
+    return source, sample, draw // int(mixture.sizes[s])
+
+
+def order_records(recipe: Recipe, data: PreparedData, stage_index: int, start: int, count: int) -> list[dict]:
+    """Order records of global samples [start, start + count) of a stage.
+
+    Each record: index, step, stage, source, sample (window index in the source's train shards), epoch,
+    documents (id and [start, end) token offsets inside `<s> doc </s>` of every document in the window) and
+    fim (whether FIM applies to the source in this stage). The window is the one the sample was built from:
+    seq_len + 1 tokens (inputs and the shifted label), or its real tokens for the padded last window; under
+    FIM only the first seq_len tokens are rearranged into the sample (the last label is EOS).
+    """
+    _stage(recipe, stage_index)
+    _check_range(recipe, stage_index, start, count)
+    return _records(StageData(recipe, data, stage_index), range(start, start + count))
+
+
+def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
+    L, B = sd.recipe.data.seq_len, sd.recipe.train.batch_size
+    records = []
+    for g in indices:
+        source, sample, epoch = _draw(sd.mixture, g)
+        shards = sd.data.train[source]
+        fim = source in sd.fim_sources
+        valid = shards.index["last_sample_valid"] if sample == len(shards) - 1 else L + 1
+        if fim:
+            valid = min(valid, L)
+        lo = sample * L
+        records.append(
+            {
+                "index": g,
+                "step": g // B,
+                "stage": sd.stage_index,
+                "source": source,
+                "sample": sample,
+                "epoch": epoch,
+                "documents": _document_index(shards).spans(lo, lo + valid),
+                "fim": fim,
+            }
+        )
+    return records
+
+
+def sample_record(recipe: Recipe, data: PreparedData, stage_index: int, index: int) -> dict:
+    """The sample the trainer built for a global index: StageData(recipe, data, stage).sample(index)."""
+    _stage(recipe, stage_index)
+    _check_range(recipe, stage_index, index, 1)
+    sd = StageData(recipe, data, stage_index)
+    source, sample = sd.mixture(index)
+    input_ids, labels, loss_mask, source_seen, n_fim = sd.sample(index)
+    assert source_seen == source
+    return {
+        "index": index,
+        "stage": stage_index,
+        "source": source,
+        "sample": sample,
+        "input_ids": [int(t) for t in input_ids],
+        "labels": [int(t) for t in labels],
+        "loss_mask": [int(m) for m in np.asarray(loss_mask) > 0],
+        "fim_segments": int(n_fim),
+    }
+
+
+def _draw_counts(mixture: Mixture, total: int) -> np.ndarray:
+    """Exact draws per source (in mixture.names order) among the first `total` global samples."""
+    full, rem = divmod(total, mixture.block)
+    counts = mixture.counts * full
+    if rem:
+        labels, _ = mixture._block(full)
+        counts = counts + np.bincount(labels[:rem], minlength=len(mixture.names))
+    return counts
+
+
+def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
+    """One row per stage and source drawn from: draws, tokens, share, passes over the source, FIM rate, size.
+
+    `epochs` is exact (samples drawn / source samples); `mixture_epochs` is Mixture.epochs, the same from the
+    mixture's block shares, which differs from it by the rounding of the stage's last, partial block.
+    """
+    L = recipe.data.seq_len
+    rows = []
+    for si, stage in enumerate(recipe.stages):
+        sd = StageData(recipe, data, si)
+        total = stage_samples(recipe, si)
+        drawn = _draw_counts(sd.mixture, total)
+        planned = sd.mixture.epochs(total)
+        for name, n in zip(sd.mixture.names, drawn.tolist(), strict=True):
+            shards = data.train[name]
+            rows.append(
+                {
+                    "stage": si,
+                    "stage_name": stage.name,
+                    "source": name,
+                    "samples": int(n),
+                    "tokens": int(n) * L,
+                    "share": int(n) / total,
+                    "epochs": int(n) / len(shards),
+                    "mixture_epochs": planned[name],
+                    "fim_rate": stage.fim.rate if name in sd.fim_sources else 0.0,
+                    "source_samples": len(shards),
+                    "source_tokens": shards.n_tokens,
+                }
+            )
+    return rows
+
+
+def probe_indices(total: int, probe: int) -> list[int]:
+    """A deterministic spread of up to `probe` indices in [0, total): first, last and evenly spaced."""
+    if probe < 1:
+        raise ValueError(f"probe must be at least 1, got {probe}")
+    return sorted({int(i) for i in np.linspace(0, total - 1, num=min(probe, total)).round()})
+
+
+def order_fingerprint(recipe: Recipe, data: PreparedData, stage_index: int, probe: int = 64) -> str:
+    """sha256 of the order records of a spread of probe indices of a stage (to check an order recomputes)."""
+    _stage(recipe, stage_index)
+    total = stage_samples(recipe, stage_index)
+    records = _records(StageData(recipe, data, stage_index), probe_indices(total, probe))
+    blob = json.dumps(
+        {"stage": stage_index, "samples": total, "records": records}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
