@@ -120,3 +120,21 @@ def test_data_order_sample_and_stats_commands(trained_run):
     assert out.returncode == 2 and "out of range" in out.stderr and "Traceback" not in out.stderr
     out = crystal("data", "order", str(run_dir), "--stage", "7")
     assert out.returncode == 2 and "stages 1-3" in out.stderr
+
+
+def test_release_verify_and_unreachable_push(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "rel" / "README.md").is_file()
+    out = crystal("verify", str(tmp_path / "rel"))
+    assert out.returncode == 0 and "release OK" in out.stdout, out.stdout + out.stderr
+    (tmp_path / "rel" / "recipe.yaml").write_text("altered\n")
+    out = crystal("verify", str(tmp_path / "rel"), "--skip-data")
+    assert out.returncode == 1 and "ALTERED  recipe.yaml" in out.stdout
+    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel"))
+    assert out.returncode == 2 and "--overwrite" in out.stderr
+    missing = f"file://{tmp_path / 'no-hub.git'}"
+    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel2"), "--push", missing)
+    assert out.returncode == 2 and "cannot reach" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "rel2").exists()  # nothing built before the hub was found unreachable

@@ -15,6 +15,8 @@ infill CKPT --prefix P --suffix S   fill in the middle through the FIM tokens
 import HF_DIR --out CKPT     LLM360's Hugging Face layout → checkpoint
 export CKPT --out HF_DIR     checkpoint → LLM360's layout (transformers loads it)
 mup coord-check --out DIR    muP coordinate check plot
+release RUN_DIR --out DIR    package a run as LLM360 released Crystal (checkpoints, data order, card)
+verify RELEASE_DIR           check a release's hashes, checkpoints and data order
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from crystal_lm.train.trainer import train
 
-    summary = train(_recipe(args.recipe, args.cache_dir), args.out)
+    summary = train(_recipe(args.recipe, args.cache_dir), args.out, init_from=args.init_from)
     for s in summary["stages"]:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in (s["val_loss"] or {}).items())
         print(f"{s['name']}: {s['tokens']:,} tokens in {s['wall_s']:.0f}s; val loss {losses}")
@@ -275,6 +277,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print(f"results: {store}", file=sys.stderr)
     return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from crystal_lm.release.bundle import build_release
+
+    if args.push:  # fail fast, before minutes of packaging, when the hub cannot be reached
+        from crystal_lm.release.push import check_reachable, remote_url
+
+        check_reachable(remote_url(args.push))
+    out = build_release(
+        args.run_dir,
+        args.out,
+        with_optimizer=args.with_optimizer,
+        dtype=args.dtype,
+        license=args.license,
+        overwrite=args.overwrite,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    if args.push:
+        from crystal_lm.release.push import push_release
+
+        push_release(out, args.push, log=lambda m: print(m, file=sys.stderr))
+    print(f"release: {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from crystal_lm.release.verify import verify_release
+
+    report = verify_release(
+        args.release_dir,
+        check_data=not args.skip_data,
+        cache_dir=args.cache_dir,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -465,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, summary)")
     p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.add_argument(
+        "--init-from",
+        help="start from this checkpoint's weights (a released or crystal-lm checkpoint folder; its "
+        "optimizer state too when it has one)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate checkpoints (a run folder = all of them); resumable sweep")
@@ -488,6 +532,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("release", help="package a run like LLM360's release: checkpoints, data order, logs")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="release folder to write")
+    p.add_argument("--with-optimizer", action="store_true", help="include optimizer states (resume exactly)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as trained)"
+    )
+    p.add_argument("--license", default="apache-2.0", help="model licence for the card's front matter")
+    p.add_argument(
+        "--push", metavar="REPO", help="then push: main + one branch per checkpoint (hub id or git URL)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("verify", help="check a release: hashes, checkpoints load, data order recomputes")
+    p.add_argument("release_dir")
+    p.add_argument("--skip-data", action="store_true", help="do not prepare the data to recompute the order")
+    p.add_argument("--cache-dir", help="override the recipe's data.cache_dir")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import", help="LLM360 Hugging Face folder → crystal-lm checkpoint")
     p.add_argument("hf_dir")
@@ -571,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     from crystal_lm.data.tokenizer import TokenizerError
     from crystal_lm.eval.code import BenchmarkError
     from crystal_lm.interop.llm360 import InteropError
+    from crystal_lm.release.bundle import ReleaseError
     from crystal_lm.train.checkpoint import CheckpointError
     from crystal_lm.train.trainer import RunDirError
 
@@ -585,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         RunDirError,
         InteropError,
         BenchmarkError,
+        ReleaseError,
         FileNotFoundError,
         ValueError,
     ) as exc:

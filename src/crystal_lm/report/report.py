@@ -127,16 +127,21 @@ def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
 CODE_TASKS = ("humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi")
 
 
-def headline(task: str, metrics: dict) -> float | None:
-    """The one number a task is judged by: pass@1 for code, acc_norm / acc / exact match for language."""
+def headline_metric(task: str, metrics: dict) -> tuple[str, float | None]:
+    """The one number a task is judged by, and its name: pass@1 for code, acc_norm / acc / exact match for
+    language, the trained-sample match for memorization."""
     if task in CODE_TASKS:
-        return metrics.get("pass@1")
+        return "pass@1", metrics.get("pass@1")
     if task == "memorization":
-        return metrics.get("score")
+        return "score", metrics.get("score")
     for key in ("acc_norm", "acc", "exact_match"):
         if isinstance(metrics.get(key), int | float):
-            return float(metrics[key])
-    return None
+            return key, float(metrics[key])
+    return "", None
+
+
+def headline(task: str, metrics: dict) -> float | None:
+    return headline_metric(task, metrics)[1]
 
 
 def benchmark_table(results: list[dict]) -> tuple[list[str], list[dict]]:

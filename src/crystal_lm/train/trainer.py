@@ -9,6 +9,7 @@ recipe (stage 2 keeps the optimizer, a stage with `reset_optimizer` starts a fre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from crystal_lm.config import Recipe
+from crystal_lm.config import ModelConfig, MupConfig, Recipe
 from crystal_lm.data.loader import Batch, StageData
 from crystal_lm.data.prepare import PreparedData, prepare_data
 from crystal_lm.eval.validation import validation_loss
@@ -114,6 +115,60 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
 
 
+def load_initial_weights(
+    source: str | Path, model: CrystalModel, recipe: Recipe, tokenizer_sha256: str
+) -> dict | None:
+    """Weights to start a new run from: a released checkpoint (LLM360's layout, optionally with
+    `crystal_state/optimizer.pt`) or a crystal-lm checkpoint folder. Returns the optimizer state if the
+    source has one. The architecture, muP settings and tokenizer must be the recipe's."""
+    from crystal_lm.interop.llm360 import read_hf_checkpoint
+    from crystal_lm.train.checkpoint import CheckpointError, verify_checkpoint
+
+    source = Path(source)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise RunDirError(f"--init-from {source}: no config.json (give a checkpoint folder)")
+    config = json.loads(config_path.read_text())
+    if config.get("format") == "crystal-lm":  # our own checkpoint folder
+        verify_checkpoint(source)
+        model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
+        load_model_weights(source, model)
+        optimizer_file = source / "optimizer.pt"
+    else:
+        model_cfg, mup, tensors = read_hf_checkpoint(source)
+        optimizer_file = source / "crystal_state" / "optimizer.pt"
+
+    def effective(cfg: ModelConfig | MupConfig) -> dict:
+        d = asdict(cfg)
+        return d | {"d_ff": cfg.ffn_dim} if isinstance(cfg, ModelConfig) else d
+
+    pairs = (("model", recipe.model, model_cfg), ("mup", recipe.mup, mup))
+    for name, ours, theirs in ((n, effective(a), effective(b)) for n, a, b in pairs):
+        diff = sorted(k for k in ours if k in theirs and ours[k] != theirs[k])
+        if diff:
+            raise RunDirError(
+                f"--init-from {source}: {name}.{diff[0]} is {theirs[diff[0]]!r} there but "
+                f"{ours[diff[0]]!r} in the recipe ({', '.join(diff)} differ); use the checkpoint's architecture"
+            )
+    if config.get("format") != "crystal-lm":
+        try:
+            model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"--init-from {source}: weights do not fit the model: {exc}") from None
+    tok = source / "tokenizer.json"
+    if tok.is_file():
+        with open(tok, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        if sha != tokenizer_sha256:
+            raise RunDirError(
+                f"--init-from {source}: its tokenizer ({sha[:16]}…) is not this recipe's data tokenizer "
+                f"({tokenizer_sha256[:16]}…); token ids would not mean the same thing"
+            )
+    if optimizer_file.is_file():
+        return torch.load(optimizer_file, weights_only=True)["optimizer"]
+    return None
+
+
 def write_summary(recipe: Recipe, run_dir: Path, state: TrainState) -> dict:
     """`summary.json`: per stage its tokens, wall time and validation loss at the stage's last checkpoint."""
     evals = read_jsonl(run_dir / "eval.jsonl")
@@ -149,8 +204,10 @@ def train(
     *,
     stop_after_steps: int | None = None,
     data: PreparedData | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) every stage of `recipe` in `run_dir`. `stop_after_steps` stops early (for tests)."""
+    """Run (or resume) every stage of `recipe` in `run_dir`. `stop_after_steps` stops early (for tests).
+    `init_from` starts a new run from a checkpoint's weights (and its optimizer state, when it has one)."""
     run_dir = Path(run_dir)
     _claim_run_dir(recipe, run_dir)
     if recipe.train.threads:
@@ -165,6 +222,7 @@ def train(
     clean_partial(ck_root)
     state = TrainState(recipe_fingerprint=recipe.fingerprint())
     opt_state = None
+    init_optimizer = False  # the first stage continues an initial checkpoint's optimizer state
     resume = latest_checkpoint(ck_root)
     if resume is not None:
         state = load_state(resume)
@@ -179,6 +237,12 @@ def train(
             state.step,
             f"{state.tokens_seen:,}",
         )
+    elif init_from is not None:
+        opt_state = load_initial_weights(init_from, model, recipe, data.tokenizer.sha256)
+        init_optimizer = opt_state is not None
+        record = {"init_from": str(init_from), "optimizer": init_optimizer}
+        (run_dir / "init_from.json").write_text(json.dumps(record, indent=1) + "\n")
+        log.info("starting from %s (%s)", init_from, "with optimizer state" if init_optimizer else "weights")
     metrics, evals = JsonlLog(run_dir / "metrics.jsonl"), JsonlLog(run_dir / "eval.jsonl")
     metrics.truncate_after(state.global_step)
     evals.truncate_after(state.global_step)
@@ -204,7 +268,7 @@ def train(
                 continue
             if si > state.stage_index:
                 state.stage_index, state.step = si, 0
-            fresh = state.step == 0 and (si == 0 or stage.reset_optimizer)
+            fresh = state.step == 0 and ((si == 0 and not init_optimizer) or stage.reset_optimizer)
             if optimizer is None or fresh:
                 optimizer = make_optimizer(model, recipe)
                 if opt_state is not None and not fresh:

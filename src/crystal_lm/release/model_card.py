@@ -1,0 +1,168 @@
+"""The release's model card: README.md with Hugging Face front matter, written from the bundle itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from crystal_lm.config import Recipe
+from crystal_lm.report.report import benchmark_table, headline_metric
+from crystal_lm.train.metrics import read_jsonl
+
+
+def _param_count(release: Path) -> int:
+    from crystal_lm.interop.llm360 import from_hf_config
+    from crystal_lm.model import build_model
+
+    model_cfg, mup = from_hf_config(json.loads((release / "config.json").read_text()))
+    return sum(p.numel() for p in build_model(model_cfg, mup, device="meta").parameters())
+
+
+def _tokens(n: int) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> str:
+    summary = json.loads((release / "logs" / "summary.json").read_text())
+    checkpoints = json.loads((release / "checkpoints" / "index.json").read_text())
+    manifest = json.loads((release / "data" / "manifest.json").read_text())
+    m = recipe.model
+    params = _param_count(release)
+    final = checkpoints[-1]
+    front = {
+        "license": license,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["crystal-lm", "llm360", "crystalcoder", "code", "fill-in-the-middle", "mup"],
+        "language": ["en"],
+    }
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines += [
+        f"# {recipe.name}",
+        "",
+        f"A {params / 1e6:,.1f}M-parameter language-and-code model trained with "
+        f"crystal-lm on the multi-stage recipe of LLM360's Crystal: "
+        f"{len(recipe.stages)} stages whose code/text mixture and fill-in-the-middle rate change from stage to "
+        f"stage, {_tokens(summary['tokens_seen'])} tokens in all. Everything needed to inspect or continue "
+        "it is released here: every checkpoint, the recipe as run, the exact data order, the logs and the "
+        "evaluations.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {params:,} |",
+        f"| layers / width / heads | {m.n_layers} / {m.d_model} / {m.n_heads} |",
+        f"| FFN (SwiGLU) | {m.ffn_dim} |",
+        f"| vocabulary | {m.vocab_size:,} (byte-level BPE, Crystal's special-token layout incl. FIM) |",
+        f"| context | {recipe.data.seq_len:,} tokens |",
+        "| architecture | Crystal: LayerNorm with biases, GPT-J rotary on 25% of head dims, tied embeddings |",
+        f"| muP | base width {recipe.mup.base_width}, input ×{recipe.mup.embeddings_scale}, "
+        f"output ×{recipe.mup.output_alpha}/m_d |",
+        "",
+        "## Recipe",
+        "",
+        "| stage | steps | tokens | mixture | FIM rate | LR (warmup → peak → end) | optimizer |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    for i, (stage, s) in enumerate(zip(recipe.stages, summary["stages"], strict=True)):
+        total = sum(stage.mixture.values())
+        mix = ", ".join(f"{k} {v / total:.0%}" for k, v in stage.mixture.items() if v)
+        lr = stage.lr
+        if lr.continue_previous:
+            sched = f"{lr.warmup_steps} warmup, continues stage {i}'s decay"
+        else:
+            sched = f"{lr.warmup_steps} → {lr.peak:g} → {lr.end:g}"
+        opt = "fresh" if i == 0 or stage.reset_optimizer else "carried over"
+        lines.append(
+            f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {mix} | {stage.fim.rate:g} | {sched} | {opt} |"
+        )
+    lines += ["", f"Batch {recipe.train.batch_size} × {recipe.data.seq_len} tokens; seed {recipe.seed}.", ""]
+
+    lines += ["## Evaluation at the final checkpoint", ""]
+    last_stage = summary["stages"][-1]
+    if last_stage.get("val_loss"):
+        vl = last_stage["val_loss"]
+        lines += [
+            "Held-out loss per domain and source: " + ", ".join(f"{k} {v:.3f}" for k, v in vl.items()) + ".",
+            "",
+        ]
+    results = read_jsonl(release / "eval" / "results.jsonl")
+    tasks, _ = benchmark_table(results)
+    final_records = {r["task"]: r for r in results if r["checkpoint"] == final["checkpoint"]}
+    final_records.pop("val_loss", None)
+    if final_records:
+        lines += ["| benchmark | shots | metric | score |", "|---|---:|---|---:|"]
+        for t in tasks:
+            if t in final_records:
+                name, value = headline_metric(t, final_records[t]["metrics"])
+                if value is not None:
+                    lines.append(f"| {t} | {final_records[t]['shots']} | {name} | {value:.3f} |")
+        lines += ["", "Every checkpoint's scores: `eval/results.jsonl`; the table in `report/report.md`.", ""]
+    else:
+        lines += ["No benchmark sweep was run before release (`crystal eval RUN_DIR --tasks ...`).", ""]
+
+    lines += ["## Trajectories", ""]
+    for png, title in (
+        ("train_loss.png", "training loss"),
+        ("val_loss.png", "validation loss per domain"),
+        ("benchmarks.png", "benchmarks across checkpoints"),
+        ("language_vs_code.png", "language vs code average"),
+        ("memorization.png", "memorization"),
+    ):
+        if (release / "report" / png).is_file():
+            lines += [f"![{title}](report/{png})", ""]
+
+    lines += [
+        "## Checkpoints",
+        "",
+        f"{len(checkpoints)} checkpoints, each a Hugging Face model folder under `checkpoints/` (and a branch of "
+        "the same name when pushed to a hub, as LLM360 published Crystal's):",
+        "",
+        "| checkpoint | stage | step | tokens |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| `{c['name']}` | {c['stage']} | {c['step']:,} | {c['tokens']:,} |" for c in checkpoints]
+    lines += ["", "## Training data", "", "| source | version | registry | licence |", "|---|---|---|---|"]
+    corpus = manifest.get("corpus") or {}
+    for s in corpus.get("sources", []):
+        lines.append(f"| {s['name']} | {s['version']} | {s['registry']} | {s['licence']} |")
+    if not corpus.get("sources"):
+        lines.append("| (user-supplied sources; see `data/manifest.json`) | | | |")
+    lines += [
+        "",
+        f"Tokenizer sha256 `{manifest['tokenizer']['sha256'][:16]}…`; every shard's sha256 is in "
+        "`data/manifest.json`. The data order is a pure function of the recipe and the shards: any step's "
+        "batch is recomputed with",
+        "",
+        "```bash",
+        "crystal data order RELEASE_DIR --stage 2 --start 1024 --count 16 --json  # which documents",
+        "crystal data sample RELEASE_DIR --stage 2 --index 1030 --json            # the exact token ids",
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import crystal_lm  # registers the crystalcoder model type with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("RELEASE_DIR")  # or RELEASE_DIR/checkpoints/<name>',
+        'tokenizer = AutoTokenizer.from_pretrained("RELEASE_DIR")',
+        'ids = tokenizer("<s>def fibonacci(n):", return_tensors="pt").input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=48)[0]))",
+        "```",
+        "",
+        "Continue training from any checkpoint (weights, and the optimizer state where released):",
+        "",
+        "```bash",
+        f"crystal train RECIPE.yaml --out RUN_DIR --init-from RELEASE_DIR/checkpoints/{final['name']}",
+        "crystal verify RELEASE_DIR   # every hash, every checkpoint loads, the data order recomputes",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Open release: the bundle, its verification, publishing to a git hub, and training from a release."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from crystal_lm.release.bundle import MANIFEST, ReleaseError, build_release, read_manifest
+from crystal_lm.release.push import push_release
+from crystal_lm.release.verify import verify_release
+from crystal_lm.train.checkpoint import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def release(trained_run, tmp_path_factory):
+    _, run_dir, _ = trained_run
+    out = tmp_path_factory.mktemp("release") / "small"
+    build_release(run_dir, out, with_optimizer=True, log=lambda m: None)
+    return out
+
+
+def test_release_holds_every_checkpoint_the_data_order_logs_and_a_card(trained_run, release):
+    recipe, run_dir, summary = trained_run
+    names = [c.name for c in list_checkpoints(run_dir / "checkpoints")]
+    released = sorted(p.name for p in (release / "checkpoints").iterdir() if p.is_dir())
+    assert released == sorted(f"test-small_{n}" for n in names)  # LLM360's branch naming
+    for folder in (release, *(release / "checkpoints").glob("test-small_*")):
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "crystalcoder"
+    final = json.loads(
+        (
+            release / "checkpoints" / "test-small_phase3_checkpoint_000004" / "crystal_state" / "state.json"
+        ).read_text()
+    )
+    assert final["tokens_seen"] == summary["tokens_seen"]
+    assert (
+        release / "checkpoints" / "test-small_phase1_checkpoint_000003" / "crystal_state" / "optimizer.pt"
+    ).is_file()
+    assert yaml.safe_load((release / "recipe.yaml").read_text())["stages"][1]["fim"]["rate"] == 0.9
+    order = json.loads((release / "data" / "order.json").read_text())
+    assert [s["name"] for s in order["stages"]] == ["stage1", "stage2", "stage3"]
+    assert order["stages"][0]["samples"] == recipe.stage_steps(recipe.stages[0]) * recipe.train.batch_size
+    assert (release / "logs" / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+    assert (release / "report" / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
+    card = (release / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and front["license"] == "apache-2.0"
+    for expected in (
+        "| stage2 |",
+        "continues stage 1's decay",
+        "Django",
+        "BSD-3-Clause",
+        "--init-from",
+        "test-small_phase2_checkpoint_000006",
+    ):
+        assert expected in card
+    listed = read_manifest(release)
+    on_disk = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(listed) == on_disk
+
+
+def test_verify_passes_then_names_what_was_altered_missing_or_added(release, tmp_path):
+    report = verify_release(release)
+    assert report.ok, report.lines()
+    assert set(report.data_order.values()) == {"ok"} and len(report.checkpoints) == 7
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    weights = copy / "checkpoints" / "test-small_phase2_checkpoint_000003" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    (copy / "logs" / "eval.jsonl").unlink()
+    (copy / "notes.txt").write_text("added after the release\n")
+    report = verify_release(copy, check_data=False)
+    assert not report.ok
+    assert report.altered == ["checkpoints/test-small_phase2_checkpoint_000003/model.safetensors"]
+    assert report.missing == ["logs/eval.jsonl"] and report.extra == ["notes.txt"]
+    text = "\n".join(report.lines())
+    assert "ALTERED  checkpoints/test-small_phase2_checkpoint_000003/model.safetensors" in text
+    assert "release FAILED" in text
+
+
+def test_verify_detects_a_data_order_that_does_not_recompute(release, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    order_path = copy / "data" / "order.json"
+    order = json.loads(order_path.read_text())
+    order["stages"][1]["fingerprint"] = "0" * 64
+    order_path.write_text(json.dumps(order))
+    report = verify_release(copy)
+    assert report.data_order["stage1"] == "ok" and report.data_order["stage2"] != "ok"
+    assert report.altered == ["data/order.json"]
+
+
+def test_release_refuses_a_damaged_checkpoint_and_writes_nothing(trained_run, tmp_path):
+    import shutil
+
+    _, run_dir, _ = trained_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    (run_copy / "checkpoints" / "phase2_checkpoint_000003" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(Exception, match="checksum mismatch"):
+        build_release(run_copy, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_push_to_a_local_hub_main_and_one_branch_per_checkpoint(release, tmp_path):
+    hub = tmp_path / "hub.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(hub)], check=True)
+    result = push_release(release, str(hub), log=lambda m: None)
+    assert set(result.values()) == {"pushed"} and len(result) == 7
+    branches = subprocess.run(
+        ["git", "-C", str(hub), "for-each-ref", "--format=%(refname:short)", "refs/heads"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert sorted(branches) == sorted(["main", *(k for k in result if k != "main")])
+
+    def ls(ref: str) -> set[str]:
+        out = subprocess.run(
+            ["git", "-C", str(hub), "ls-tree", "-r", "--name-only", ref],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return set(out.stdout.split())
+
+    assert {"README.md", "config.json", "model.safetensors", "data/order.json", MANIFEST} <= ls("main")
+    assert not any(p.startswith("checkpoints/") for p in ls("main"))
+    assert "crystal_state/state.json" in ls("test-small_phase1_checkpoint_000003")
+    again = push_release(release, str(hub), log=lambda m: None)
+    assert set(again.values()) == {"unchanged"}  # an interrupted push is simply run again
+
+
+def test_push_without_a_reachable_hub_fails_fast_with_the_reason(release, tmp_path):
+    with pytest.raises(ReleaseError, match=r"cannot reach .*missing\.git"):
+        push_release(release, f"file://{tmp_path / 'missing.git'}", log=lambda m: None)
+    with pytest.raises(ReleaseError, match="hub repo id"):
+        push_release(release, "not a repo", log=lambda m: None)
+
+
+def test_training_starts_from_a_released_checkpoint(trained_run, prepared, release, tmp_path):
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.train.metrics import read_jsonl
+    from crystal_lm.train.trainer import RunDirError, train
+
+    recipe, run_dir, summary = trained_run
+    _, data = prepared
+    ckpt = release / "checkpoints" / "test-small_phase2_checkpoint_000006"
+    d = recipe.to_dict()
+    d["stages"] = [d["stages"][2]]  # continue with stage 3 only
+    d["stages"][0]["tokens"] = 4 * 64 * 2
+    cont = recipe_from_dict(d)
+    result = train(cont, tmp_path / "cont", data=data, init_from=ckpt)
+    first = read_jsonl(tmp_path / "cont" / "eval.jsonl")[0]
+    assert first["val_loss"] == pytest.approx(summary["stages"][1]["val_loss"], rel=1e-6)  # exact weights
+    assert json.loads((tmp_path / "cont" / "init_from.json").read_text())["optimizer"] is True
+    assert result["complete"] and result["tokens_seen"] == 4 * 64 * 2
+
+    from crystal_lm.model import build_model
+    from crystal_lm.train.trainer import load_initial_weights
+
+    model = build_model(cont.model, cont.mup)
+    opt = load_initial_weights(ckpt, model, cont, data.tokenizer.sha256)
+    saved = torch.load(
+        run_dir / "checkpoints" / "phase2_checkpoint_000006" / "optimizer.pt", weights_only=True
+    )
+    assert torch.equal(opt["state"][0]["exp_avg"], saved["optimizer"]["state"][0]["exp_avg"])
+
+    d["model"]["n_layers"] = 3
+    with pytest.raises(RunDirError, match=r"model\.n_layers is 2 there but 3 in the recipe"):
+        train(recipe_from_dict(d), tmp_path / "bad", data=data, init_from=ckpt)
