@@ -46,11 +46,25 @@ class SourceConfig:
     domain: str
     # A part of the embedded corpus (prose, technical, python, web), built from pip / the Python install.
     embedded: str | None = None
-    # Or user data: a JSONL file, a glob of them, or a directory of source files.
+    # Or user data: a file, a glob, or a directory, in one of the formats (guessed from the files if unset):
+    # jsonl (.jsonl / .json, plain, .gz or .zst; SlimPajama), parquet (StarCoderData), files (a source
+    # tree), hf_disk (a Hugging Face `save_to_disk` dataset).
     path: str | None = None
-    format: Literal["jsonl", "files"] | None = None
-    text_field: str = "text"
+    format: Literal["jsonl", "parquet", "files", "hf_disk"] | None = None
+    # Field or column holding the document (default: `text`; `content` for parquet, as in StarCoderData).
+    text_field: str | None = None
+    # Keep only records whose (dotted) field has this value or one of these values, e.g.
+    # {"meta.redpajama_set_name": "RedPajamaArXiv"} to read one SlimPajama domain from mixed files.
+    where: dict[str, Any] | None = None
+    # Parquet / files: keep these languages (a `lang` field, else the folder name, e.g. starcoderdata/python;
+    # for files, the language of the extension).
+    languages: list[str] | None = None
     extensions: list[str] | None = None
+    # Malformed records (bad JSON, not UTF-8, missing field): `fail` names the file and line and stops;
+    # `skip` counts them per reason in the shard manifest and goes on.
+    on_error: Literal["fail", "skip"] = "fail"
+    # Documents larger than this are skipped and counted (a single huge document never fills memory).
+    max_doc_bytes: int = 64 * 2**20
     # Stop reading the source after this many bytes of text (None = all of it).
     max_bytes: int | None = None
 
@@ -68,6 +82,16 @@ class DataConfig:
     cache_dir: str = ".cache/crystal-lm"
     # Byte budget for each embedded corpus part (None = everything the source has).
     embedded_max_bytes: int | None = None
+    # Crystal's normalisation: ftfy.fix_text with NFC (`ftfy`), NFC only (`nfc`), or none.
+    normalize: Literal["ftfy", "nfc", "none"] = "ftfy"
+    # Long documents are tokenized in pieces of about this many characters, cut at a space (Crystal split
+    # StarCoder texts into ~2000-character chunks); the ids are concatenated under one <s> … </s>.
+    chunk_chars: int | None = 2000
+    # Processes that tokenize and pack (None = one per core). Input is split into units (files, or byte
+    # ranges of large JSONL files of about `unit_bytes`); each finished unit is kept, so an interrupted
+    # build resumes without repeating or losing a document.
+    workers: int | None = None
+    unit_bytes: int = 256 * 2**20
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -164,6 +188,8 @@ class StageConfig:
     checkpoint_every: int = 1000
     # Crystal stage 3: weights only from the previous stage, fresh optimizer state.
     reset_optimizer: bool = False
+    # Crystal's `data_subset`: read only this fraction range of a source's samples, e.g. {sp3_c4: [0.0, 0.1]}.
+    subsets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,6 +250,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -373,6 +401,11 @@ def _validate(recipe: Recipe) -> None:
         for src in st.fim.sources or []:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
+        for src, (lo, hi) in st.subsets.items():
+            if src not in st.mixture:
+                raise RecipeError(f"{where}.subsets.{src}: not a source of this stage's mixture")
+            if not 0.0 <= lo < hi <= 1.0:
+                raise RecipeError(f"{where}.subsets.{src}: need 0 <= start < end <= 1, got [{lo}, {hi}]")
         if not 0.0 <= st.fim.rate <= 1.0 or not 0.0 <= st.fim.spm_rate <= 1.0:
             raise RecipeError(f"{where}.fim: rate and spm_rate must lie in [0, 1]")
         lr = st.lr

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from crystal_lm.data import order
+from crystal_lm.data.build import split_for_tokenizing
 from crystal_lm.data.documents import iter_source
 from crystal_lm.data.loader import StageData
 from crystal_lm.data.order import order_fingerprint, order_records, sample_record, stage_stats
@@ -32,7 +33,8 @@ def packed_docs(prepared):
 
     def get(source: str, doc_id: str) -> list[int]:
         if (source, doc_id) not in cache:
-            cache[source, doc_id] = [tok.bos_id, *tok.encode(texts[source][doc_id]), tok.eos_id]
+            pieces = split_for_tokenizing(texts[source][doc_id], recipe.data.chunk_chars)
+            cache[source, doc_id] = [tok.bos_id, *(t for p in pieces for t in tok.encode(p)), tok.eos_id]
         return cache[source, doc_id]
 
     return get
@@ -100,7 +102,7 @@ def test_records_cover_document_boundaries_and_the_padded_last_window(prepared, 
     assert first["end"] == len(packed_docs(multi["source"], first["id"])) and second["start"] == 0
     for g in hits:
         (r,) = order_records(long, data, 0, g, 1)
-        valid = data.train[r["source"]].index["last_sample_valid"]
+        valid = data.train[r["source"]].valid(r["sample"])
         assert sum(d["end"] - d["start"] for d in r["documents"]) == valid < L + 1
         tail = r["documents"][-1]
         assert tail["end"] == len(packed_docs(r["source"], tail["id"]))  # the stream's last document ends
@@ -164,13 +166,13 @@ def test_sample_record_is_the_trainers_sample_with_fim_padding_masked(prepared):
     # A FIM source's padded last window: FIM drops the EOS padding and pads with <|fim_pad|>, masked out.
     long = _long(recipe, 20_000)
     sd = StageData(long, data, 1)
-    g = next(
+    # Draws of the FIM sources' last windows (each stream's padded end); one whose padding FIM kept.
+    last_draws = (
         g
         for g in range(20_000)
         if sd.mixture(g)[0] in sd.fim_sources and sd.mixture(g)[1] == len(data.train[sd.mixture(g)[0]]) - 1
     )
-    s = sample_record(long, data, 1, g)
-    assert s["fim_segments"] >= 0 and pad in s["input_ids"]
+    s = next(s for s in (sample_record(long, data, 1, g) for g in last_draws) if pad in s["input_ids"])
     assert s["loss_mask"] == [int(t != pad) for t in s["input_ids"]]
     assert 0 in s["loss_mask"] and set(s["loss_mask"]) == {0, 1}
 

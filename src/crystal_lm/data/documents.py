@@ -1,126 +1,72 @@
-"""Documents from a recipe's sources: the embedded corpus, JSONL files, or directories of source files.
+"""Documents of a recipe's sources (read by `readers`), their fingerprints, and the validation split.
 
-Bad input is an error that names the file and line. The held-out validation split is chosen per source by a
-hash of the document id, so it does not depend on reading order or on the tokenizer.
+The held-out validation split is chosen per source by a hash of the document id, so it does not depend on
+reading order, workers or the tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crystal_lm.config import Recipe, SourceConfig
-from crystal_lm.data.corpus import EmbeddedCorpus, normalise
+from crystal_lm.data.corpus import EmbeddedCorpus
+
+if TYPE_CHECKING:
+    from crystal_lm.data.readers import Document
 
 
 class DataError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-
-
-def _jsonl_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix == ".jsonl")
-    elif any(c in str(path) for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path)))
-    else:
-        files = [path]
-    if not files:
-        raise DataError(f"{path}: no JSONL files found")
-    return files
-
-
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    for file in _jsonl_files(path):
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(
-                        f"{file}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}:{lineno}: malformed JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(
-                        f"{file}:{lineno}: no string field {text_field!r} (set the source's "
-                        "text_field to the field that holds the document)"
-                    )
-                doc_id = str(record.get("id", f"{file.name}:{lineno}"))
-                yield Document(doc_id, record[text_field])
-
-
-def _iter_files(root: Path, extensions: list[str] | None) -> Iterator[Document]:
-    exts = tuple(e if e.startswith(".") else f".{e}" for e in (extensions or [".py"]))
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.endswith(exts):
-                p = Path(dirpath) / name
-                data = p.read_bytes()
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = data.decode("latin-1")
-                yield Document(p.relative_to(root).as_posix(), text)
-
-
 def iter_source(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> Iterator[Document]:
-    """Documents of one source, normalised (NFC, Unix newlines), empty ones dropped, up to `max_bytes`."""
+    """Documents of one source as the shard builder sees them (normalised, empty ones dropped, at most
+    `max_bytes` of text), read unit after unit in one process; for inspection and tokenizer training."""
+    from crystal_lm.data.build import normalize_text
+    from crystal_lm.data.prepare import source_units
+    from crystal_lm.data.readers import Document, ReadStats, read_unit
+
     src: SourceConfig = recipe.data.sources[name]
-    if src.embedded is not None:
-        assert corpus is not None
-        raw = _iter_jsonl(corpus.part_path(src.embedded), "text")
-    else:
-        path = recipe.resolve_path(src.path or "")
-        fmt = src.format or ("files" if path.is_dir() and not any(path.rglob("*.jsonl")) else "jsonl")
-        raw = _iter_jsonl(path, src.text_field) if fmt == "jsonl" else _iter_files(path, src.extensions)
+    fmt, units = source_units(recipe, name, corpus)
     total = 0
-    for doc in raw:
-        text = normalise(doc.text)
-        if not text.strip():
-            continue
-        total += len(text)
-        if src.max_bytes is not None and total > src.max_bytes:
-            return
-        yield Document(doc.id, text)
+    stats = ReadStats()
+    for unit in units:
+        for doc in read_unit(unit, src, fmt, stats):
+            text = normalize_text(doc.text, recipe.data.normalize)
+            if not text.strip():
+                continue
+            total += len(text)
+            if src.max_bytes is not None and total > src.max_bytes:
+                return
+            yield Document(doc.id, text)
 
 
 def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> str:
-    """What identifies a source's content: the corpus hash, or user files' paths, sizes and mtimes."""
+    """What identifies a source's content and its processing: the corpus hash or the user files' paths,
+    sizes and mtimes, the source's settings, normalisation and tokenization chunking."""
     src = recipe.data.sources[name]
-    h = hashlib.sha256(
-        json.dumps(
-            {
-                "max_bytes": src.max_bytes,
-                "field": src.text_field,
-                "ext": src.extensions,
-                "format": src.format,
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    settings = {
+        **dataclasses.asdict(src),
+        "normalize": recipe.data.normalize,
+        "chunk_chars": recipe.data.chunk_chars,
+    }
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     if src.embedded is not None:
         assert corpus is not None
         h.update(corpus.part_sha256(src.embedded).encode())
     else:
         path = recipe.resolve_path(src.path or "")
-        files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else _jsonl_files(path)
+        files = (
+            [p for p in sorted(path.rglob("*")) if p.is_file()]
+            if path.is_dir()
+            else sorted(Path(p) for p in glob.glob(str(path)))
+        )
         for p in files:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -130,13 +76,3 @@ def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None)
 def id_hash(doc_id: str) -> float:
     """A uniform number in [0, 1) from a document id (stable across machines and Python versions)."""
     return int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
-
-
-def validation_ids(doc_ids: list[str], fraction: float) -> set[str]:
-    """Documents held out: those whose id hash falls under `fraction`, and at least one when fraction > 0."""
-    if fraction <= 0 or not doc_ids:
-        return set()
-    chosen = {d for d in doc_ids if id_hash(d) < fraction}
-    if not chosen and len(doc_ids) > 1:
-        chosen = {min(doc_ids, key=id_hash)}
-    return chosen

@@ -36,7 +36,11 @@ class StageData:
         stage = recipe.stages[stage_index]
         self.stage = stage
         self.mixture = Mixture(
-            stage.mixture, {n: len(data.train[n]) for n in stage.mixture}, recipe.seed, stage_index
+            stage.mixture,
+            {n: len(data.train[n]) for n in stage.mixture},
+            recipe.seed,
+            stage_index,
+            subsets=stage.subsets,
         )
         self.fim_sources = {
             n for n in stage.mixture if stage.fim.applies_to(n, recipe.data.sources[n].domain)

@@ -4,7 +4,8 @@ Weights are normalised. The sample sequence is cut into blocks of `block` slots;
 number of slots per source (largest-remainder rounding of weight × block) in an order shuffled by a
 generator keyed on (seed, stage, block). The k-th slot of a source reads that source's samples in a
 permutation keyed on (seed, stage, source, epoch), wrapping into a new epoch when the source runs out (small
-sources repeat, as in Crystal's Model Zoo mixture). Nothing depends on what was drawn before, so any step's
+sources repeat, as in Crystal's Model Zoo mixture). A source may be restricted to a range of its samples
+(Crystal's `data_subset`, e.g. the first 10% of SlimPajama in stage 3). Nothing depends on what was drawn before, so any step's
 batch can be recomputed, and resuming on another number of workers reads the same order.
 """
 
@@ -31,13 +32,29 @@ def allocate(weights: list[float], block: int) -> np.ndarray:
     return counts
 
 
+def subset_range(n: int, lo: float, hi: float) -> tuple[int, int]:
+    """Samples [floor(lo·n), floor(hi·n)) of a source of n samples (at least one when n > 0)."""
+    start, end = int(lo * n), int(hi * n)
+    return start, max(end, min(start + 1, n))
+
+
 class Mixture:
     def __init__(
-        self, weights: dict[str, float], sizes: dict[str, int], seed: int, stage: int, block: int = 1024
+        self,
+        weights: dict[str, float],
+        sizes: dict[str, int],
+        seed: int,
+        stage: int,
+        block: int = 1024,
+        subsets: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         active = [(n, w) for n, w in sorted(weights.items()) if w > 0]
         self.names = [n for n, _ in active]
-        self.sizes = np.asarray([sizes[n] for n in self.names], dtype=np.int64)
+        # Crystal's `data_subset: lo-hi`: the stage reads only samples [lo·n, hi·n) of such a source.
+        subsets = subsets or {}
+        ranges = [subset_range(sizes[n], *subsets.get(n, (0.0, 1.0))) for n in self.names]
+        self.offsets = np.asarray([lo for lo, _ in ranges], dtype=np.int64)
+        self.sizes = np.asarray([hi - lo for lo, hi in ranges], dtype=np.int64)
         if (self.sizes <= 0).any():
             empty = [n for n, s in zip(self.names, self.sizes, strict=True) if s <= 0]
             raise ValueError(f"mixture sources without samples: {', '.join(empty)}")
@@ -66,7 +83,7 @@ class Mixture:
         s = int(labels[j])
         k = b * int(self.counts[s]) + int(ranks[j])  # this source's draw number within the stage
         epoch, pos = divmod(k, int(self.sizes[s]))
-        return self.names[s], int(self._perm(s, epoch)[pos])
+        return self.names[s], int(self.offsets[s]) + int(self._perm(s, epoch)[pos])
 
     def epochs(self, total_samples: int) -> dict[str, float]:
         """How many passes over each source `total_samples` draws make."""

@@ -126,7 +126,7 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
         source, sample, epoch = _draw(sd.mixture, g)
         shards = sd.data.train[source]
         fim = source in sd.fim_sources
-        valid = shards.index["last_sample_valid"] if sample == len(shards) - 1 else L + 1
+        valid = shards.valid(sample)
         if fim:
             valid = min(valid, L)
         lo = sample * L
@@ -188,8 +188,9 @@ def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
         total = stage_samples(recipe, si)
         drawn = _draw_counts(sd.mixture, total)
         planned = sd.mixture.epochs(total)
-        for name, n in zip(sd.mixture.names, drawn.tolist(), strict=True):
+        for k, (name, n) in enumerate(zip(sd.mixture.names, drawn.tolist(), strict=True)):
             shards = data.train[name]
+            readable = int(sd.mixture.sizes[k])  # the stage's subset of the source (all of it by default)
             rows.append(
                 {
                     "stage": si,
@@ -198,10 +199,11 @@ def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
                     "samples": int(n),
                     "tokens": int(n) * L,
                     "share": int(n) / total,
-                    "epochs": int(n) / len(shards),
+                    "epochs": int(n) / readable,
                     "mixture_epochs": planned[name],
                     "fim_rate": stage.fim.rate if name in sd.fim_sources else 0.0,
                     "source_samples": len(shards),
+                    "subset_samples": readable,
                     "source_tokens": shards.n_tokens,
                 }
             )

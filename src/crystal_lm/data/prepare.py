@@ -9,19 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from crystal_lm.config import Recipe, RecipeError, check_paths
+from crystal_lm.data.build import BuildSpec, build_units, ensure_validation, finalize, is_validation
 from crystal_lm.data.corpus import EmbeddedCorpus, build_embedded_corpus
-from crystal_lm.data.documents import iter_source, source_fingerprint, validation_ids
-from crystal_lm.data.shards import ShardSet, ShardWriter, token_dtype
+from crystal_lm.data.documents import iter_source, source_fingerprint
+from crystal_lm.data.readers import Unit, detect_format, list_units
+from crystal_lm.data.shards import ShardSet, token_dtype
 from crystal_lm.data.tokenizer import Tokenizer, padded_vocab_size, train_bpe
+from crystal_lm.train.metrics import count_progress
 
 log = logging.getLogger(__name__)
-SHARD_BUILD_VERSION = 1
-MIN_DOC_TOKENS = 10  # Crystal drops documents shorter than this (crystal-spec §3.2)
+SHARD_BUILD_VERSION = 2
 
 
 @dataclass
@@ -80,13 +83,11 @@ def _tokenizer(
         return Tokenizer(path)
 
     def sample_texts():
-        # An equal byte budget per source, from training documents only.
+        # An equal byte budget per source, from training documents only, read as a stream.
         for name in sorted(recipe.data.sources):
-            docs = list(iter_source(recipe, name, corpus))
-            held_out = validation_ids([d.id for d in docs], recipe.data.val_fraction)
             budget = tcfg.sample_bytes
-            for d in docs:
-                if d.id in held_out:
+            for d in iter_source(recipe, name, corpus):
+                if is_validation(d.id, recipe.data.val_fraction):
                     continue
                 yield d.text[:budget]
                 budget -= len(d.text)
@@ -99,35 +100,57 @@ def _tokenizer(
     return tok
 
 
-def _build_source(
-    recipe: Recipe,
-    name: str,
-    corpus: EmbeddedCorpus | None,
-    tok: Tokenizer,
-    train_dir: Path,
-    val_dir: Path,
-    vocab: int,
+def source_units(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> tuple[str, list[Unit]]:
+    """The format of a source and its units of work, in a fixed order."""
+    src = recipe.data.sources[name]
+    if src.embedded is not None:
+        assert corpus is not None
+        path, fmt = corpus.part_path(src.embedded), "jsonl"
+    else:
+        path = recipe.resolve_path(src.path or "")
+        fmt = src.format or detect_format(path)
+    return fmt, list_units(src, path, recipe.data.unit_bytes)
+
+
+def build_source(
+    recipe: Recipe, name: str, corpus: EmbeddedCorpus | None, tok: Tokenizer, root: Path, vocab: int
 ) -> None:
-    docs = list(iter_source(recipe, name, corpus))
-    if not docs:
-        raise RecipeError(f"{recipe.source_file}: data.sources.{name}: the source has no documents")
-    held_out = validation_ids([d.id for d in docs], recipe.data.val_fraction)
-    meta = {"source": name, "domain": recipe.data.sources[name].domain}
-    writers = {
-        split: ShardWriter(d, recipe.data.seq_len, token_dtype(vocab), tok.bos_id, tok.eos_id, tok.sha256)
-        for split, d in (("train", train_dir), ("val", val_dir))
-    }
-    dropped = 0
-    batch = 256
-    for start in range(0, len(docs), batch):
-        chunk = docs[start : start + batch]
-        for doc, ids in zip(chunk, tok.encode_batch([d.text for d in chunk]), strict=True):
-            if len(ids) < MIN_DOC_TOKENS:
-                dropped += 1
-                continue
-            writers["val" if doc.id in held_out else "train"].add(doc.id, ids)
-    for split, w in writers.items():
-        w.close({**meta, "split": split, "dropped_short_documents": dropped})
+    """Train and validation shards of one source under `root` (resumes an interrupted build)."""
+    src = recipe.data.sources[name]
+    fmt, units = source_units(recipe, name, corpus)
+    spec = BuildSpec(
+        source=name,
+        domain=src.domain,
+        src=src,
+        fmt=fmt,
+        tokenizer_path=str(tok.path),
+        seq_len=recipe.data.seq_len,
+        vocab_size=vocab,
+        val_fraction=recipe.data.val_fraction,
+        normalize=recipe.data.normalize,
+        chunk_chars=recipe.data.chunk_chars,
+        max_bytes=src.max_bytes,
+    )
+    progress = count_progress(f"source {name}: units")
+    records = ensure_validation(
+        spec, units, root, build_units(spec, units, root, recipe.data.workers, progress)
+    )
+    if not any(r["splits"][s]["documents"] for r in records for s in ("train", "val")):
+        skipped = ", ".join(f"{k} {v}" for k, v in _sum_skipped(records).items()) or "none skipped"
+        raise RecipeError(
+            f"{recipe.source_file}: data.sources.{name}: the source has no usable documents ({skipped})"
+        )
+    meta = {"source": name, "domain": src.domain, "format": fmt}
+    finalize(root, records, recipe.data.seq_len, tok.sha256, token_dtype(vocab).str, meta)
+    shutil.rmtree(root / "units", ignore_errors=True)  # the split folders hold links to every shard
+
+
+def _sum_skipped(records: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        for k, v in r["skipped"].items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
@@ -151,13 +174,14 @@ def prepare_data(recipe: Recipe) -> PreparedData:
             tok.sha256,
             recipe.data.seq_len,
             recipe.data.val_fraction,
+            recipe.data.unit_bytes,  # each unit's stream is packed (and padded) on its own
             token_dtype(vocab).str,
         )
         root = cache / "shards" / f"{name}-{key}"
         train_dir, val_dir = root / "train", root / "val"
         if not ((train_dir / "index.json").is_file() and (val_dir / "index.json").is_file()):
             t0 = time.time()
-            _build_source(recipe, name, corpus, tok, train_dir, val_dir, vocab)
+            build_source(recipe, name, corpus, tok, root, vocab)
             log.info("packed source %s in %.1fs", name, time.time() - t0)
         train[name] = ShardSet(train_dir, expect_tokenizer=tok.sha256)
         val[name] = ShardSet(val_dir, expect_tokenizer=tok.sha256)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ShardError(RuntimeError):
@@ -104,11 +104,14 @@ class ShardWriter:
                 "n_samples": len(rows),
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "last_valid": self.seq_len + 1,
             }
         )
 
     def close(self, extra: dict | None = None) -> Path:
         self._emit_windows(final=True)
+        if self.shards:  # only the stream's last window can be padded
+            self.shards[-1]["last_valid"] = self.last_valid
         self.docs_file.close()
         index = {
             "format_version": FORMAT_VERSION,
@@ -120,7 +123,6 @@ class ShardWriter:
             "n_samples": sum(s["n_samples"] for s in self.shards),
             "n_documents": self.n_docs,
             "n_tokens": self.n_tokens,
-            "last_sample_valid": self.last_valid,
             "shards": self.shards,
             **(extra or {}),
         }
@@ -161,6 +163,7 @@ class ShardSet:
         dtype = np.dtype(self.index["dtype"])
         self.maps: list[np.ndarray] = []
         self.offsets = [0]
+        self.last_valid: list[int] = []
         for shard in self.index["shards"]:
             path = self.dir / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -177,6 +180,7 @@ class ShardSet:
                 np.memmap(path, dtype=dtype, mode="r", shape=(shard["n_samples"], self.seq_len + 1))
             )
             self.offsets.append(self.offsets[-1] + shard["n_samples"])
+            self.last_valid.append(shard["last_valid"])
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -190,8 +194,12 @@ class ShardSet:
             raise IndexError(f"sample {i} out of range for {self.dir} ({len(self)} samples)")
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
         tokens = np.asarray(self.maps[s][i - self.offsets[s]], dtype=np.int64)
-        valid = self.index["last_sample_valid"] if i == len(self) - 1 else self.seq_len + 1
-        return Window(tokens, valid)
+        return Window(tokens, self.valid(i, s))
+
+    def valid(self, i: int, shard: int | None = None) -> int:
+        """Real tokens of window i: all L + 1, except the padded last window of a packed stream (a unit)."""
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1 if shard is None else shard
+        return self.last_valid[s] if i == self.offsets[s + 1] - 1 else self.seq_len + 1
 
     def documents(self) -> Iterable[dict]:
         with open(self.dir / "documents.jsonl") as f:

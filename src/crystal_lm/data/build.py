@@ -1,0 +1,309 @@
+"""Building a source's packed shards: parallel, resumable, bounded in memory.
+
+The source's input is split into units (files, or byte ranges of large JSONL files; see `readers`). A worker
+process turns one unit into train and validation shards: read → normalise (ftfy + NFC, as Crystal) → tokenize
+(long documents in ~2000-character pieces cut at spaces) → drop documents under the minimum length →
+`<s> … </s>` → pack across document boundaries into `seq_len + 1` windows, the unit's last window padded
+(Crystal packed per input file and padded its remainder). A finished unit is renamed into `units/` with its
+counts and hashes, so an interrupted build redoes only unfinished units: no document is lost or repeated.
+When every unit is done, `finalize` links the units' shards, in unit order, into the split folders, so the
+result does not depend on the number of workers. The same `build_unit` runs on other engines (see
+`crystal_lm.data.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from crystal_lm.config import SourceConfig
+from crystal_lm.data.documents import id_hash
+from crystal_lm.data.readers import Document, ReadStats, Unit, read_unit
+from crystal_lm.data.shards import FORMAT_VERSION, ShardWriter, token_dtype
+from crystal_lm.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+MIN_DOC_TOKENS = 10  # Crystal drops documents shorter than this (crystal-spec §3.2)
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything a worker needs to build one unit of a source (picklable)."""
+
+    source: str
+    domain: str
+    src: SourceConfig
+    fmt: str
+    tokenizer_path: str
+    seq_len: int
+    vocab_size: int
+    val_fraction: float
+    normalize: str
+    chunk_chars: int | None
+    max_bytes: int | None = None  # a text budget for this unit (sources capped with `max_bytes`)
+    force_val: tuple[str, ...] = ()  # documents held out whatever their hash (see `ensure_validation`)
+
+
+def normalize_text(text: str, mode: str) -> str:
+    """Crystal's `ftfy.fix_text` with NFC (`ftfy`), NFC only (`nfc`) or nothing; newlines made Unix."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if mode == "ftfy":
+        import ftfy
+
+        return ftfy.fix_text(text, normalization="NFC")
+    if mode == "nfc":
+        return unicodedata.normalize("NFC", text)
+    return text
+
+
+def split_for_tokenizing(text: str, chunk_chars: int | None) -> list[str]:
+    """Pieces of about `chunk_chars` characters, each cut before a space where there is one, so a long
+    document is tokenized in bounded pieces (the space starts the next piece, as a word boundary)."""
+    if not chunk_chars or len(text) <= chunk_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > chunk_chars:
+        cut = text.rfind(" ", start + chunk_chars // 2, start + chunk_chars)
+        cut = cut if cut > start else start + chunk_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Held out by a hash of the document id: independent of reading order, workers and tokenizer."""
+    return fraction > 0 and id_hash(doc_id) < fraction
+
+
+def _encode(tok: Tokenizer, docs: list[Document], chunk_chars: int | None) -> list[list[int]]:
+    pieces, owner = [], []
+    for i, d in enumerate(docs):
+        for p in split_for_tokenizing(d.text, chunk_chars):
+            pieces.append(p)
+            owner.append(i)
+    out: list[list[int]] = [[] for _ in docs]
+    for i, ids in zip(owner, tok.encode_batch(pieces), strict=True):
+        out[i].extend(ids)
+    return out
+
+
+def _normalized(spec: BuildSpec, docs: Iterator[Document], stats: ReadStats) -> Iterator[Document]:
+    budget = spec.max_bytes
+    for d in docs:
+        text = normalize_text(d.text, spec.normalize)
+        if not text.strip():
+            stats.skipped["empty"] = stats.skipped.get("empty", 0) + 1
+            continue
+        if budget is not None:
+            budget -= len(text)
+            if budget < 0:
+                return
+        yield Document(d.id, text)
+
+
+def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
+    """Build one unit into `units_dir/<unit key>/` (atomically); returns its record. Idempotent."""
+    final = units_dir / unit.key
+    if (final / "unit.json").is_file():
+        return json.loads((final / "unit.json").read_text())
+    tmp = units_dir / f".{unit.key}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = Tokenizer(spec.tokenizer_path)
+    writers = {
+        s: ShardWriter(
+            tmp / s, spec.seq_len, token_dtype(spec.vocab_size), tok.bos_id, tok.eos_id, tok.sha256
+        )
+        for s in SPLITS
+    }
+    stats = ReadStats()
+    dropped = 0
+    t0 = time.time()
+    batch: list[Document] = []
+
+    def flush() -> None:
+        nonlocal dropped
+        for doc, ids in zip(batch, _encode(tok, batch, spec.chunk_chars), strict=True):
+            if len(ids) < MIN_DOC_TOKENS:
+                dropped += 1
+                continue
+            held_out = is_validation(doc.id, spec.val_fraction) or doc.id in spec.force_val
+            writers["val" if held_out else "train"].add(doc.id, ids)
+        batch.clear()
+
+    pending = text_bytes = 0
+    for doc in _normalized(spec, read_unit(unit, spec.src, spec.fmt, stats), stats):
+        batch.append(doc)
+        pending += len(doc.text)
+        text_bytes += len(doc.text)
+        if len(batch) >= 256 or pending >= 8 * 2**20:  # bounded memory whatever the document sizes
+            flush()
+            pending = 0
+    flush()
+    meta = {"source": spec.source, "domain": spec.domain, "unit": asdict(unit) | {"key": unit.key}}
+    splits = {
+        s: json.loads((w.close(meta | {"split": s}) / "index.json").read_text()) for s, w in writers.items()
+    }
+    record = {
+        "key": unit.key,
+        "unit": asdict(unit),
+        "documents_read": stats.documents,
+        "skipped": dict(sorted(stats.skipped.items())),
+        "skip_examples": stats.examples[:5],
+        "dropped_short_documents": dropped,
+        "text_bytes": text_bytes,
+        "seconds": round(time.time() - t0, 3),
+        "splits": {
+            s: {
+                "documents": idx["n_documents"],
+                "tokens": idx["n_tokens"],
+                "samples": idx["n_samples"],
+                "shards": idx["shards"],
+            }
+            for s, idx in splits.items()
+        },
+    }
+    (tmp / "unit.json").write_text(json.dumps(record, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return record
+
+
+def _worker(args: tuple[BuildSpec, Unit, str]) -> dict:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process: no oversubscription
+    spec, unit, units_dir = args
+    return build_unit(spec, unit, Path(units_dir))
+
+
+def build_units(
+    spec: BuildSpec,
+    units: list[Unit],
+    root: Path,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Build every unfinished unit of a source under `root/units` with `workers` processes."""
+    units_dir = root / "units"
+    units_dir.mkdir(parents=True, exist_ok=True)
+    for stale in units_dir.glob(".*.tmp*"):  # left by a killed worker
+        shutil.rmtree(stale, ignore_errors=True)
+    todo = [u for u in units if not (units_dir / u.key / "unit.json").is_file()]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    if spec.max_bytes is not None:
+        workers = 1  # a byte budget is spent in unit order
+    done = len(units) - len(todo)
+    if todo:
+        log.info("%s: %d of %d units to build with %d worker(s)", spec.source, len(todo), len(units), workers)
+    if workers == 1 or len(todo) <= 1:
+        budget = spec.max_bytes
+        for u in todo:
+            unit_spec = (
+                spec if budget is None else BuildSpec(**{**spec.__dict__, "max_bytes": max(budget, 0)})
+            )
+            record = build_unit(unit_spec, u, units_dir)
+            if budget is not None:
+                budget -= record["text_bytes"]
+            done += 1
+            if progress:
+                progress(done, len(units))
+    else:
+        ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or tokenizer state
+        with ctx.Pool(workers) as pool:
+            for _ in pool.imap_unordered(_worker, [(spec, u, str(units_dir)) for u in todo]):
+                done += 1
+                if progress:
+                    progress(done, len(units))
+    return [json.loads((units_dir / u.key / "unit.json").read_text()) for u in units]
+
+
+def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: list[dict]) -> list[dict]:
+    """A small source whose ids all hash above the validation fraction still holds one document out: the
+    one with the smallest id hash. Only its unit is rebuilt (units are independent)."""
+    if spec.val_fraction <= 0 or any(r["splits"]["val"]["documents"] for r in records):
+        return records
+    candidates = []
+    for k, r in enumerate(records):
+        with open(root / "units" / r["key"] / "train" / "documents.jsonl") as f:
+            candidates += [(id_hash(d["id"]), d["id"], k) for d in map(json.loads, f)]
+    if len(candidates) < 2:
+        return records
+    _, doc_id, k = min(candidates)
+    shutil.rmtree(root / "units" / units[k].key)
+    forced = BuildSpec(**{**spec.__dict__, "force_val": (doc_id,)})
+    return [*records[:k], build_unit(forced, units[k], root / "units"), *records[k + 1 :]]
+
+
+def finalize(
+    root: Path, records: list[dict], seq_len: int, tokenizer_sha256: str, dtype: str, meta: dict
+) -> None:
+    """Link the units' shards, in unit order, into `root/train` and `root/val` with one index each.
+    Document offsets are shifted so window i of the split covers stream positions [i·L, i·L + L + 1)."""
+    for split in SPLITS:
+        tmp = root / f".{split}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shards, rows = [], 0
+        n_docs = n_tokens = 0
+        with open(tmp / "documents.jsonl", "w") as docs_out:
+            for rec in records:
+                unit_split = root / "units" / rec["key"] / split
+                offset = rows * seq_len
+                with open(unit_split / "documents.jsonl") as f:
+                    for line in f:
+                        d = json.loads(line)
+                        d["start"] += offset
+                        docs_out.write(json.dumps(d) + "\n")
+                for s in rec["splits"][split]["shards"]:
+                    name = f"shard-{len(shards):05d}.bin"
+                    os.link(unit_split / s["file"], tmp / name)
+                    shards.append({**s, "file": name, "unit": rec["key"]})
+                    rows += s["n_samples"]
+                n_docs += rec["splits"][split]["documents"]
+                n_tokens += rec["splits"][split]["tokens"]
+        index = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_sha256": tokenizer_sha256,
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "n_samples": rows,
+            "n_documents": n_docs,
+            "n_tokens": n_tokens,
+            "shards": shards,
+            "split": split,
+            **meta,
+            "units": [
+                {
+                    "key": r["key"],
+                    "unit": r["unit"],
+                    "documents": r["splits"][split]["documents"],
+                    "documents_read": r["documents_read"],
+                    "skipped": r["skipped"],
+                    "dropped_short_documents": r["dropped_short_documents"],
+                }
+                for r in records
+            ],
+            "skipped": _total(r["skipped"] for r in records),
+            "skip_examples": [e for r in records for e in r["skip_examples"]][:10],
+            "dropped_short_documents": sum(r["dropped_short_documents"] for r in records),
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        shutil.rmtree(root / split, ignore_errors=True)
+        os.replace(tmp, root / split)
+
+
+def _total(counts: Iterator[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))

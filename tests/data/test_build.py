@@ -1,0 +1,134 @@
+"""Parallel, resumable shard builds: units, workers, interruption, skipped input counted, normalisation."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from crystal_lm.config import recipe_from_dict
+from crystal_lm.data import build as build_mod
+from crystal_lm.data.build import normalize_text, split_for_tokenizing
+from crystal_lm.data.prepare import prepare_data
+
+
+def test_long_documents_are_tokenized_in_pieces_cut_at_spaces():
+    text = ("word " * 1000) + "x" * 5000
+    pieces = split_for_tokenizing(text, 2000)
+    assert "".join(pieces) == text and all(len(p) <= 2000 for p in pieces)
+    assert all(p.startswith(" ") for p in pieces[1:3])  # cut before a space: words stay whole
+    assert split_for_tokenizing("short text", 2000) == ["short text"]
+    assert split_for_tokenizing(text, None) == [text]
+
+
+def test_normalisation_is_crystals_ftfy_with_nfc():
+    mojibake = "cafÃ©\r\nna\u0308ive"  # UTF-8 read as Latin-1, CRLF, a decomposed umlaut
+    assert normalize_text(mojibake, "ftfy") == "café\nnäive"
+    assert normalize_text(mojibake, "nfc") == "cafÃ©\nnäive"
+    assert normalize_text(mojibake, "none") == "cafÃ©\nna\u0308ive"
+
+
+@pytest.fixture()
+def jsonl_source(prepared, tmp_path):
+    """Real documents in three user JSONL files, with malformed and empty lines mixed in."""
+    _, data = prepared
+    docs = []
+    for part in ("technical", "python"):
+        with open(data.corpus.part_path(part)) as f:
+            docs += [json.loads(line) for line in f]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for k in range(3):
+        with open(folder / f"part-{k}.jsonl", "w") as out:
+            for i, d in enumerate(docs[k::3]):
+                out.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
+                if i % 10 == 0:
+                    out.write('{"text": "broken\n')  # malformed: counted when skipping
+                    out.write(json.dumps({"text": "  "}) + "\n")  # empty: always skipped and counted
+    return folder, len(docs)
+
+
+def _recipe(recipe_dict, folder, cache, **data):
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["cache_dir"] = str(cache)
+    d["data"]["sources"] = {"mine": {"domain": "text", "path": str(folder), "on_error": "skip"}}
+    d["data"].update(data)
+    for st in d["stages"]:
+        st["mixture"] = {"mine": 1.0}
+        st.get("fim", {}).pop("sources", None)
+    d["stages"][2].pop("subsets", None)
+    return recipe_from_dict(d, "r.yaml")
+
+
+def _shard_contents(shards):
+    return [s["sha256"] for s in shards.index["shards"]], list(shards.documents())
+
+
+def test_workers_and_units_do_not_change_the_result_and_skips_are_counted(
+    recipe_dict, prepared, jsonl_source, tmp_path
+):
+    _, data = prepared
+    folder, n_docs = jsonl_source
+    tok = {"path": str(data.tokenizer.path)}
+    one = prepare_data(
+        _recipe(recipe_dict, folder, tmp_path / "a", workers=1, unit_bytes=200_000, tokenizer=tok)
+    )
+    two = prepare_data(
+        _recipe(recipe_dict, folder, tmp_path / "b", workers=2, unit_bytes=200_000, tokenizer=tok)
+    )
+    for split in ("train", "val"):
+        a = one.train["mine"] if split == "train" else one.val["mine"]
+        b = two.train["mine"] if split == "train" else two.val["mine"]
+        assert _shard_contents(a) == _shard_contents(b)
+    index = one.train["mine"].index
+    assert len(index["units"]) > 3  # files split into byte ranges
+    kept = index["n_documents"] + one.val["mine"].index["n_documents"]
+    assert kept + index["dropped_short_documents"] == n_docs  # every real document accounted for
+    broken = sum(1 for k in range(3) for i in range(len(range(k, n_docs, 3))) if i % 10 == 0)
+    assert index["skipped"] == {"empty": broken, "malformed_json": broken}
+    assert any("malformed" in e for e in index["skip_examples"])
+    ids = [d["id"] for d in one.train["mine"].documents()] + [d["id"] for d in one.val["mine"].documents()]
+    assert len(ids) == len(set(ids))
+
+
+def test_an_interrupted_build_resumes_without_losing_or_repeating_documents(
+    recipe_dict, prepared, jsonl_source, tmp_path, monkeypatch
+):
+    _, data = prepared
+    folder, _ = jsonl_source
+    tok = {"path": str(data.tokenizer.path)}
+    clean = prepare_data(
+        _recipe(recipe_dict, folder, tmp_path / "clean", workers=1, unit_bytes=150_000, tokenizer=tok)
+    )
+    real, calls = build_mod.build_unit, []
+
+    def dies_on_third(spec, unit, units_dir):
+        calls.append(unit.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while building the third unit
+        return real(spec, unit, units_dir)
+
+    monkeypatch.setattr(build_mod, "build_unit", dies_on_third)
+    recipe = _recipe(recipe_dict, folder, tmp_path / "resumed", workers=1, unit_bytes=150_000, tokenizer=tok)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(recipe)
+    monkeypatch.setattr(build_mod, "build_unit", lambda *a: (calls.append(a[1].key), real(*a))[1])
+    resumed = prepare_data(recipe)
+    units = [u["key"] for u in resumed.train["mine"].index["units"]]
+    assert calls[3:] == units[2:]  # the two finished units were not built again
+    assert _shard_contents(resumed.train["mine"]) == _shard_contents(clean.train["mine"])
+    assert _shard_contents(resumed.val["mine"]) == _shard_contents(clean.val["mine"])
+
+
+def test_fail_mode_names_the_file_and_line(recipe_dict, prepared, jsonl_source, tmp_path):
+    from crystal_lm.data.documents import DataError
+
+    _, data = prepared
+    folder, _ = jsonl_source
+    recipe = _recipe(
+        recipe_dict, folder, tmp_path / "c", workers=1, tokenizer={"path": str(data.tokenizer.path)}
+    )
+    recipe.data.sources["mine"].on_error = "fail"
+    with pytest.raises(DataError, match=r"part-0\.jsonl:2"):
+        prepare_data(recipe)
