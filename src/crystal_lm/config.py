@@ -40,6 +40,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class DocumentFimConfig:
+    """FIM per document before packing (StarCoder / Megatron style), applied when the shards are built."""
+
+    rate: float = 0.5
+    spm_rate: float = 0.5
+
+
+@dataclass
 class SourceConfig:
     # Top-level domain the source belongs to ("text" or "code" in Crystal's recipe); validation loss is
     # reported per source and per domain.
@@ -67,6 +75,9 @@ class SourceConfig:
     max_doc_bytes: int = 64 * 2**20
     # Stop reading the source after this many bytes of text (None = all of it).
     max_bytes: int | None = None
+    # Optional FIM per document before packing, instead of Crystal's per-sample FIM after packing (a stage's
+    # `fim` must then leave this source out).
+    document_fim: DocumentFimConfig | None = None
 
 
 @dataclass
@@ -401,6 +412,12 @@ def _validate(recipe: Recipe) -> None:
         for src in st.fim.sources or []:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
+        for src in st.mixture:
+            if d.sources[src].document_fim is not None and st.fim.applies_to(src, d.sources[src].domain):
+                raise RecipeError(
+                    f"{where}.fim: source {src!r} is already FIM'd per document (data.sources.{src}."
+                    "document_fim); leave it out of the stage's fim.sources / domains"
+                )
         for src, (lo, hi) in st.subsets.items():
             if src not in st.mixture:
                 raise RecipeError(f"{where}.subsets.{src}: not a source of this stage's mixture")

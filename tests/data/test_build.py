@@ -132,3 +132,29 @@ def test_fail_mode_names_the_file_and_line(recipe_dict, prepared, jsonl_source, 
     recipe.data.sources["mine"].on_error = "fail"
     with pytest.raises(DataError, match=r"part-0\.jsonl:2"):
         prepare_data(recipe)
+
+
+def test_per_document_fim_before_packing(recipe_dict, prepared, jsonl_source, tmp_path):
+    from crystal_lm.config import RecipeError
+
+    _, data = prepared
+    tok = data.tokenizer
+    folder, _ = jsonl_source
+    recipe = _recipe(recipe_dict, folder, tmp_path / "f", workers=1, tokenizer={"path": str(tok.path)})
+    from crystal_lm.config import DocumentFimConfig
+
+    recipe.data.sources["mine"].document_fim = DocumentFimConfig(rate=1.0, spm_rate=0.5)
+    built = prepare_data(recipe)
+    shards = built.train["mine"]
+    stream = [t for i in range(len(shards)) for t in shards.window(i).tokens[:-1].tolist()]
+    spm = 0
+    for d in list(shards.documents())[:40]:
+        doc = stream[d["start"] : d["start"] + d["tokens"]]
+        assert doc[0] == tok.bos_id and doc[1] == tok.fim_prefix_id and doc[-1] == tok.eos_id
+        assert [doc.count(t) for t in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)] == [1, 1, 1]
+        spm += doc[2] == tok.fim_suffix_id
+    assert 0 < spm < 40  # both PSM and SPM layouts occur
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["sources"]["python"]["document_fim"] = {"rate": 0.5}
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.fim: source 'python' is already FIM'd per document"):
+        recipe_from_dict(d)

@@ -24,8 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from crystal_lm.config import SourceConfig
 from crystal_lm.data.documents import id_hash
+from crystal_lm.data.fim import permute_segment
+from crystal_lm.data.mixture import _rng
 from crystal_lm.data.readers import Document, ReadStats, Unit, read_unit
 from crystal_lm.data.shards import FORMAT_VERSION, ShardWriter, token_dtype
 from crystal_lm.data.tokenizer import Tokenizer
@@ -51,6 +55,7 @@ class BuildSpec:
     chunk_chars: int | None
     max_bytes: int | None = None  # a text budget for this unit (sources capped with `max_bytes`)
     force_val: tuple[str, ...] = ()  # documents held out whatever their hash (see `ensure_validation`)
+    seed: int = 1  # for per-document FIM draws
 
 
 def normalize_text(text: str, mode: str) -> str:
@@ -131,12 +136,17 @@ def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
     t0 = time.time()
     batch: list[Document] = []
 
+    fim = spec.src.document_fim
+
     def flush() -> None:
         nonlocal dropped
         for doc, ids in zip(batch, _encode(tok, batch, spec.chunk_chars), strict=True):
             if len(ids) < MIN_DOC_TOKENS:
                 dropped += 1
                 continue
+            if fim is not None:  # StarCoder-style: the whole document, before packing; keyed by its id
+                rng = _rng(spec.seed, spec.source, "document-fim", doc.id)
+                ids = permute_segment(np.asarray(ids), tok, rng, fim.rate, fim.spm_rate)[0].tolist()
             held_out = is_validation(doc.id, spec.val_fraction) or doc.id in spec.force_val
             writers["val" if held_out else "train"].add(doc.id, ids)
         batch.clear()

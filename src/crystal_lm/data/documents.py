@@ -55,6 +55,7 @@ def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None)
         **dataclasses.asdict(src),
         "normalize": recipe.data.normalize,
         "chunk_chars": recipe.data.chunk_chars,
+        "seed": recipe.seed if src.document_fim is not None else None,  # the per-document FIM draws
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     if src.embedded is not None:

@@ -112,25 +112,74 @@ def source_units(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> tu
     return fmt, list_units(src, path, recipe.data.unit_bytes)
 
 
-def build_source(
-    recipe: Recipe, name: str, corpus: EmbeddedCorpus | None, tok: Tokenizer, root: Path, vocab: int
-) -> None:
-    """Train and validation shards of one source under `root` (resumes an interrupted build)."""
-    src = recipe.data.sources[name]
-    fmt, units = source_units(recipe, name, corpus)
-    spec = BuildSpec(
-        source=name,
-        domain=src.domain,
-        src=src,
-        fmt=fmt,
-        tokenizer_path=str(tok.path),
-        seq_len=recipe.data.seq_len,
-        vocab_size=vocab,
-        val_fraction=recipe.data.val_fraction,
-        normalize=recipe.data.normalize,
-        chunk_chars=recipe.data.chunk_chars,
-        max_bytes=src.max_bytes,
-    )
+@dataclass
+class SourcePlan:
+    """How one source is built: the worker spec, its units and the shard folder."""
+
+    spec: BuildSpec
+    units: list[Unit]
+    root: Path
+
+    @property
+    def done(self) -> bool:
+        return all((self.root / s / "index.json").is_file() for s in ("train", "val"))
+
+
+@dataclass
+class DataPlan:
+    tokenizer: Tokenizer
+    corpus: EmbeddedCorpus | None
+    vocab_size: int
+    sources: dict[str, SourcePlan]
+
+
+def plan_data(recipe: Recipe) -> DataPlan:
+    """Corpus and tokenizer (built here, once), then what every source's shard build consists of."""
+    check_paths(recipe)
+    cache = Path(recipe.data.cache_dir)
+    corpus = _embedded_corpus(recipe, cache)
+    fingerprints = {n: source_fingerprint(recipe, n, corpus) for n in recipe.data.sources}
+    tok = _tokenizer(recipe, cache, corpus, fingerprints)
+    vocab = recipe.model.vocab_size
+    if tok.max_id >= vocab:
+        raise RecipeError(
+            f"{recipe.source_file}: model.vocab_size: {vocab} is too small for the tokenizer "
+            f"{tok.path} (largest id {tok.max_id}); use at least {padded_vocab_size(tok)}"
+        )
+    plans = {}
+    for name in sorted(recipe.data.sources):
+        key = _key(
+            SHARD_BUILD_VERSION,
+            fingerprints[name],
+            tok.sha256,
+            recipe.data.seq_len,
+            recipe.data.val_fraction,
+            recipe.data.unit_bytes,  # each unit's stream is packed (and padded) on its own
+            token_dtype(vocab).str,
+        )
+        src = recipe.data.sources[name]
+        fmt, units = source_units(recipe, name, corpus)
+        spec = BuildSpec(
+            source=name,
+            domain=src.domain,
+            src=src,
+            fmt=fmt,
+            tokenizer_path=str(tok.path),
+            seq_len=recipe.data.seq_len,
+            vocab_size=vocab,
+            val_fraction=recipe.data.val_fraction,
+            normalize=recipe.data.normalize,
+            chunk_chars=recipe.data.chunk_chars,
+            max_bytes=src.max_bytes,
+            seed=recipe.seed,
+        )
+        plans[name] = SourcePlan(spec, units, cache / "shards" / f"{name}-{key}")
+    return DataPlan(tok, corpus, vocab, plans)
+
+
+def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -> None:
+    """Build a source's missing units (resuming an interrupted build), then merge them into its splits."""
+    name, spec, units, root = plan.spec.source, plan.spec, plan.units, plan.root
     progress = count_progress(f"source {name}: units")
     records = ensure_validation(
         spec, units, root, build_units(spec, units, root, recipe.data.workers, progress)
@@ -140,7 +189,7 @@ def build_source(
         raise RecipeError(
             f"{recipe.source_file}: data.sources.{name}: the source has no usable documents ({skipped})"
         )
-    meta = {"source": name, "domain": src.domain, "format": fmt}
+    meta = {"source": name, "domain": spec.domain, "format": spec.fmt}
     finalize(root, records, recipe.data.seq_len, tok.sha256, token_dtype(vocab).str, meta)
     shutil.rmtree(root / "units", ignore_errors=True)  # the split folders hold links to every shard
 
@@ -154,37 +203,18 @@ def _sum_skipped(records: list[dict]) -> dict[str, int]:
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
-    """Build (or reuse) everything the recipe's stages read."""
-    check_paths(recipe)
-    cache = Path(recipe.data.cache_dir)
-    corpus = _embedded_corpus(recipe, cache)
-    fingerprints = {n: source_fingerprint(recipe, n, corpus) for n in recipe.data.sources}
-    tok = _tokenizer(recipe, cache, corpus, fingerprints)
-    vocab = recipe.model.vocab_size
-    if tok.max_id >= vocab:
-        raise RecipeError(
-            f"{recipe.source_file}: model.vocab_size: {vocab} is too small for the tokenizer "
-            f"{tok.path} (largest id {tok.max_id}); use at least {padded_vocab_size(tok)}"
-        )
+    """Build (or reuse) everything the recipe's stages read. Units already built (by an interrupted run,
+    or by another engine such as `crystal_lm.data.distributed`) are kept; only the rest is built."""
+    plan = plan_data(recipe)
+    tok = plan.tokenizer
     train, val = {}, {}
-    for name in sorted(recipe.data.sources):
-        key = _key(
-            SHARD_BUILD_VERSION,
-            fingerprints[name],
-            tok.sha256,
-            recipe.data.seq_len,
-            recipe.data.val_fraction,
-            recipe.data.unit_bytes,  # each unit's stream is packed (and padded) on its own
-            token_dtype(vocab).str,
-        )
-        root = cache / "shards" / f"{name}-{key}"
-        train_dir, val_dir = root / "train", root / "val"
-        if not ((train_dir / "index.json").is_file() and (val_dir / "index.json").is_file()):
+    for name, sp in plan.sources.items():
+        if not sp.done:
             t0 = time.time()
-            build_source(recipe, name, corpus, tok, root, vocab)
+            build_source(recipe, sp, tok, plan.vocab_size)
             log.info("packed source %s in %.1fs", name, time.time() - t0)
-        train[name] = ShardSet(train_dir, expect_tokenizer=tok.sha256)
-        val[name] = ShardSet(val_dir, expect_tokenizer=tok.sha256)
+        train[name] = ShardSet(sp.root / "train", expect_tokenizer=tok.sha256)
+        val[name] = ShardSet(sp.root / "val", expect_tokenizer=tok.sha256)
         if len(train[name]) == 0:
             raise RecipeError(f"{recipe.source_file}: data.sources.{name}: no training samples after packing")
-    return PreparedData(tok, train, val, corpus)
+    return PreparedData(tok, train, val, plan.corpus)
