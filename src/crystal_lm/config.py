@@ -103,6 +103,9 @@ class DataConfig:
     # build resumes without repeating or losing a document.
     workers: int | None = None
     unit_bytes: int = 256 * 2**20
+    # Mixture slots are allocated per block of this many samples (largest-remainder rounding), so a source's
+    # share is exact to 1/(2·block) over every whole block; Crystal-scale stages use a large block.
+    mixture_block: int = 1024
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -182,11 +185,18 @@ class FimConfig:
     domains: list[str] = field(default_factory=lambda: ["code"])
     # ...or, when given, exactly these sources.
     sources: list[str] | None = None
+    # Per-source rates overriding `rate` for those sources (Crystal's stage 3 read stage 2's StarCoder data,
+    # FIM'd at 0.9, next to its own FIM-0.3 language subsets).
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def rate_for(self, source: str, domain: str) -> float:
+        if source in self.rates:
+            return self.rates[source]
+        chosen = source in self.sources if self.sources is not None else domain in self.domains
+        return self.rate if chosen else 0.0
 
     def applies_to(self, source: str, domain: str) -> bool:
-        return self.rate > 0 and (
-            source in self.sources if self.sources is not None else domain in self.domains
-        )
+        return self.rate_for(source, domain) > 0
 
 
 @dataclass
@@ -425,6 +435,9 @@ def _validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.subsets.{src}: need 0 <= start < end <= 1, got [{lo}, {hi}]")
         if not 0.0 <= st.fim.rate <= 1.0 or not 0.0 <= st.fim.spm_rate <= 1.0:
             raise RecipeError(f"{where}.fim: rate and spm_rate must lie in [0, 1]")
+        for src, rate in st.fim.rates.items():
+            if src not in d.sources or not 0.0 <= rate <= 1.0:
+                raise RecipeError(f"{where}.fim.rates.{src}: need a known source and a rate in [0, 1]")
         lr = st.lr
         if lr.continue_previous:
             if i == 0:

@@ -50,3 +50,18 @@ def test_batches_are_independent_of_data_parallel_layout(prepared):
     assert torch.equal(torch.cat([h.loss_mask for h in halves]), whole.loss_mask)
     prefetched = dict(stage.batches(2, 5))
     assert torch.equal(prefetched[3].input_ids, whole.input_ids)
+
+
+def test_data_subset_reads_only_its_range_and_wraps_within_it():
+    from crystal_lm.data.mixture import Mixture
+
+    m = Mixture(
+        {"a": 0.5, "b": 0.5}, {"a": 100, "b": 40}, seed=3, stage=2, subsets={"a": (0.0, 0.1), "b": (0.5, 1.0)}
+    )
+    draws = [m(i) for i in range(400)]
+    a = [s for src, s in draws if src == "a"]
+    b = [s for src, s in draws if src == "b"]
+    assert set(a) == set(range(10)) and set(b) == set(range(20, 40))  # Crystal's data_subset 0.0-0.1
+    assert m.epochs(400)["a"] == 200 / 10  # small subsets repeat, epochs counted over the subset
+    full = Mixture({"a": 0.5, "b": 0.5}, {"a": 100, "b": 40}, seed=3, stage=2)
+    assert [src for src, _ in draws] == [src for src, _ in (full(i) for i in range(400))]

@@ -7,11 +7,9 @@ reading order, workers or the tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crystal_lm.config import Recipe, SourceConfig
@@ -62,12 +60,9 @@ def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None)
         assert corpus is not None
         h.update(corpus.part_sha256(src.embedded).encode())
     else:
-        path = recipe.resolve_path(src.path or "")
-        files = (
-            [p for p in sorted(path.rglob("*")) if p.is_file()]
-            if path.is_dir()
-            else sorted(Path(p) for p in glob.glob(str(path)))
-        )
+        from crystal_lm.data.readers import _expand
+
+        _, files = _expand(recipe.resolve_path(src.path or ""))  # the files a folder or glob stands for
         for p in files:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -40,6 +40,7 @@ class StageData:
             {n: len(data.train[n]) for n in stage.mixture},
             recipe.seed,
             stage_index,
+            block=recipe.data.mixture_block,
             subsets=stage.subsets,
         )
         self.fim_sources = {
@@ -52,9 +53,8 @@ class StageData:
         L = self.recipe.data.seq_len
         if source in self.fim_sources:
             rng = _rng(self.recipe.seed, self.stage_index, "fim", global_index)
-            r = apply_fim(
-                window.tokens[:L], self.data.tokenizer, rng, self.stage.fim.rate, self.stage.fim.spm_rate
-            )
+            rate = self.stage.fim.rate_for(source, self.recipe.data.sources[source].domain)
+            r = apply_fim(window.tokens[:L], self.data.tokenizer, rng, rate, self.stage.fim.spm_rate)
             return r.input_ids, r.labels, r.loss_mask, source, r.n_fim_segments
         mask = np.zeros(L, dtype=np.float32)
         mask[: window.valid - 1] = 1.0  # the padded tail of the last window is not trained on

@@ -201,7 +201,7 @@ def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
                     "share": int(n) / total,
                     "epochs": int(n) / readable,
                     "mixture_epochs": planned[name],
-                    "fim_rate": stage.fim.rate if name in sd.fim_sources else 0.0,
+                    "fim_rate": stage.fim.rate_for(name, recipe.data.sources[name].domain),
                     "source_samples": len(shards),
                     "subset_samples": readable,
                     "source_tokens": shards.n_tokens,

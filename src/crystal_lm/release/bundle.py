@@ -100,7 +100,7 @@ def data_order(recipe: Recipe, data) -> dict:
                 "batch_size": recipe.train.batch_size,
                 "seq_len": recipe.data.seq_len,
                 "mixture": stage.mixture,
-                "fim": {"rate": stage.fim.rate, "spm_rate": stage.fim.spm_rate},
+                "fim": {"rate": stage.fim.rate, "rates": stage.fim.rates, "spm_rate": stage.fim.spm_rate},
                 "fingerprint": order_fingerprint(recipe, data, i),
                 "first_records": order_records(recipe, data, i, 0, 2),
             }
