@@ -220,6 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crystal_lm.train.trainer import train
 
     summary = train(_recipe(args.recipe, args.cache_dir), args.out, init_from=args.init_from)
+    if not summary:  # torchrun: only rank 0 reports
+        return 0
     for s in summary["stages"]:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in (s["val_loss"] or {}).items())
         print(f"{s['name']}: {s['tokens']:,} tokens in {s['wall_s']:.0f}s; val loss {losses}")

@@ -221,6 +221,19 @@ class TrainConfig:
     # CPU threads for torch (None = torch's default).
     threads: int | None = None
     log_every: int = 1
+    # Under torchrun: replicate (`ddp`) or shard (`fsdp`, FSDP2) the model over the processes.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    # Stability guard: a step whose loss or gradient norm is not finite, or whose loss exceeds
+    # `spike_factor` × the mean of the last 20 steps, is skipped (no update) and logged;
+    # `max_skipped_in_row` skipped steps in a row stop the run with the reason.
+    spike_factor: float | None = None
+    max_skipped_in_row: int = 10
+    # Checkpoint retention: the newest `keep_last` (None = all), every checkpoint whose global step is a
+    # multiple of `keep_every`, and each stage's last checkpoint are kept.
+    keep_last: int | None = None
+    keep_every: int | None = None
 
 
 @dataclass

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from crystal_lm.config import Recipe
 from crystal_lm.data.shards import ShardSet
-from crystal_lm.model import CrystalModel
 
 
 def validation_indices(n: int, max_samples: int) -> list[int]:
@@ -22,21 +21,21 @@ def validation_indices(n: int, max_samples: int) -> list[int]:
 
 @torch.no_grad()
 def source_loss_sums(
-    model: CrystalModel, shards: ShardSet, max_samples: int, micro_batch: int, precision: str = "fp32"
+    model: torch.nn.Module, shards: ShardSet, max_samples: int, micro_batch: int, precision: str = "fp32"
 ) -> tuple[float, int]:
     """Summed token cross-entropy and token count over a source's validation windows."""
     L = shards.seq_len
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     idx = validation_indices(len(shards), max_samples)
     for start in range(0, len(idx), micro_batch):
         windows = [shards.window(i) for i in idx[start : start + micro_batch]]
-        tokens = torch.from_numpy(np.stack([w.tokens for w in windows]))
-        mask = torch.zeros(len(windows), L)
+        tokens = torch.from_numpy(np.stack([w.tokens for w in windows])).to(device)
+        mask = torch.zeros(len(windows), L, device=device)
         for r, w in enumerate(windows):
             mask[r, : w.valid - 1] = 1.0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            hidden = model.hidden_states(tokens[:, :L])
-            logits = model.logits(hidden).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(tokens[:, :L]).float()  # through forward: also right under DDP / FSDP2
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
         )
@@ -45,7 +44,7 @@ def source_loss_sums(
     return total, count
 
 
-def validation_loss(model: CrystalModel, val: dict[str, ShardSet], recipe: Recipe) -> dict[str, float]:
+def validation_loss(model: torch.nn.Module, val: dict[str, ShardSet], recipe: Recipe) -> dict[str, float]:
     """Mean token loss per source and, pooled over its sources, per domain (e.g. `text`, `code`)."""
     was_training = model.training
     model.eval()

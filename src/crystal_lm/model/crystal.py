@@ -192,13 +192,25 @@ class CrystalModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight) * self.logits_scale
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, **kwargs) -> torch.Tensor:
-        return self.logits(self.hidden_states(tokens, cache, **kwargs))
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Logits; or, given `labels` and `loss_mask`, the training loss (through `forward`, so wrappers such as
+        DDP and FSDP2 see every training call)."""
+        hidden = self.hidden_states(tokens, cache, **kwargs)
+        if labels is not None:
+            assert loss_mask is not None
+            return linear_cross_entropy(hidden, self.head_weight, labels, loss_mask, self.logits_scale)
+        return self.logits(hidden)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Crystal's loss: Σ mask·CE / (B·T), i.e. divided by all positions, not by unmasked ones."""
-        hidden = self.hidden_states(tokens)
-        return linear_cross_entropy(hidden, self.head_weight, labels, loss_mask, self.logits_scale)
+        return self(tokens, labels=labels, loss_mask=loss_mask)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,6 +39,7 @@ class TrainState:
     stage_wall_s: dict[str, float] = field(default_factory=dict)
     recipe_fingerprint: str = ""
     val_loss: dict[str, float] | None = None
+    guard: dict = field(default_factory=dict)  # the stability guard's state
 
 
 def checkpoint_name(stage_index: int, step: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,16 @@ class Progress:
     """One status line: stage, step, loss, tokens/s, ETA over all stages. Redrawn on a terminal, printed
     every `every_s` seconds otherwise (logs, CI)."""
 
-    def __init__(self, total_steps: int, done_steps: int, stream: TextIO = sys.stderr, every_s: float = 10.0):
+    def __init__(
+        self,
+        total_steps: int,
+        done_steps: int,
+        stream: TextIO = sys.stderr,
+        every_s: float = 10.0,
+        quiet: bool = False,
+    ):
+        if quiet:  # processes other than rank 0 print nothing
+            stream = open(os.devnull, "w")
         self.total, self.done = total_steps, done_steps
         self.stream, self.every_s = stream, every_s
         self.tty = stream.isatty()

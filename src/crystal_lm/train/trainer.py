@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -29,13 +30,23 @@ from crystal_lm.train.checkpoint import (
     checkpoint_name,
     clean_partial,
     latest_checkpoint,
+    list_checkpoints,
     load_model_weights,
     load_optimizer,
     load_state,
     save_checkpoint,
 )
 from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl
+from crystal_lm.train.parallel import (
+    World,
+    init_world,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    parallelize,
+)
 from crystal_lm.train.schedule import stage_schedules
+from crystal_lm.train.stability import StabilityGuard
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,23 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> dict[str, float]
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
+def compute_gradients(
+    train_model: torch.nn.Module, batch: Batch, micro_batch: int, precision: str, device: str = "cpu"
+) -> float:
+    """Forward and backward over `batch` in micro-batches (gradients accumulate); returns the mean loss."""
+    n_micro = max(1, batch.input_ids.shape[0] // micro_batch)
+    device_type = device.split(":")[0]
+    total = 0.0
+    for c in range(n_micro):
+        rows = slice(c * micro_batch, (c + 1) * micro_batch)
+        ids, labels, mask = (t[rows].to(device) for t in (batch.input_ids, batch.labels, batch.loss_mask))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = train_model(ids, labels=labels, loss_mask=mask)
+        (loss / n_micro).backward()
+        total += loss.item() / n_micro
+    return total
+
+
 def train_step(
     model: CrystalModel,
     optimizer: torch.optim.Optimizer,
@@ -66,17 +94,38 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step over `batch` in micro-batches; returns (loss, grad norm before clipping)."""
     optimizer.zero_grad(set_to_none=True)
-    n_micro = max(1, batch.input_ids.shape[0] // micro_batch)
-    total = 0.0
-    for c in range(n_micro):
-        rows = slice(c * micro_batch, (c + 1) * micro_batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.loss(batch.input_ids[rows], batch.labels[rows], batch.loss_mask[rows])
-        (loss / n_micro).backward()
-        total += loss.item() / n_micro
+    total = compute_gradients(model, batch, micro_batch, precision)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     return total, grad_norm
+
+
+def restore_optimizer(
+    model: CrystalModel, optimizer: torch.optim.Optimizer, state: dict, world: World
+) -> None:
+    """Optimizer state saved by name (any world size); checkpoints from before names were used, by position."""
+    if state.get("state") and all(isinstance(k, int) for k in state["state"]):
+        optimizer.load_state_dict(state)
+    else:
+        load_optimizer_state(model, optimizer, state, world)
+
+
+def prune_checkpoints(root: Path, recipe: Recipe) -> list[str]:
+    """Apply the retention policy; returns the names removed. The newest `keep_last` checkpoints, each stage's
+    end and every `keep_every`-th global step are kept; the others are removed."""
+    t = recipe.train
+    if t.keep_last is None:
+        return []
+    everything = list_checkpoints(root)
+    doomed = []
+    for ckpt in everything[: max(0, len(everything) - t.keep_last)]:
+        st = load_state(ckpt)
+        stage_end = st.step == recipe.stage_steps(recipe.stages[st.stage_index])
+        if not (stage_end or (t.keep_every is not None and st.global_step % t.keep_every == 0)):
+            doomed.append(ckpt)
+    for ckpt in doomed:
+        shutil.rmtree(ckpt)
+    return [c.name for c in doomed]
 
 
 def checkpoint_config(recipe: Recipe) -> dict:
@@ -198,6 +247,18 @@ def write_summary(recipe: Recipe, run_dir: Path, state: TrainState) -> dict:
     return summary
 
 
+class _NoLog:
+    """Stands in for the JSONL logs on processes other than rank 0."""
+
+    path = None
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path,
@@ -207,19 +268,37 @@ def train(
     init_from: str | Path | None = None,
 ) -> dict:
     """Run (or resume) every stage of `recipe` in `run_dir`. `stop_after_steps` stops early (for tests).
-    `init_from` starts a new run from a checkpoint's weights (and its optimizer state, when it has one)."""
+    `init_from` starts a new run from a checkpoint's weights (and its optimizer state, when it has one).
+    Under torchrun every process calls this; rank 0 writes the logs and checkpoints."""
     run_dir = Path(run_dir)
-    _claim_run_dir(recipe, run_dir)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    data = data or prepare_data(recipe)
-    (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest(), indent=1) + "\n")
+    world = init_world()
+    t = recipe.train
+    micro = t.micro_batch_size or t.batch_size
+    if t.batch_size % (world.world_size * micro) and world.distributed:
+        raise RunDirError(
+            f"train.batch_size {t.batch_size} must be a multiple of world size {world.world_size} × "
+            f"micro_batch_size {micro}"
+        )
+    micro = min(micro, t.batch_size // world.world_size)
+    if world.main:
+        _claim_run_dir(recipe, run_dir)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if data is None:
+        if world.main:
+            data = prepare_data(recipe)  # rank 0 builds; the others then find it in the cache
+        world.barrier()
+        data = data or prepare_data(recipe)
     tokenizer_path = run_dir / "tokenizer.json"
-    shutil.copyfile(data.tokenizer.path, tokenizer_path)
+    if world.main:
+        (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest(), indent=1) + "\n")
+        shutil.copyfile(data.tokenizer.path, tokenizer_path)
 
     model = build_model(recipe.model, recipe.mup, seed=recipe.seed)
     ck_root = run_dir / "checkpoints"
-    clean_partial(ck_root)
+    if world.main:
+        clean_partial(ck_root)
+    world.barrier()
     state = TrainState(recipe_fingerprint=recipe.fingerprint())
     opt_state = None
     init_optimizer = False  # the first stage continues an initial checkpoint's optimizer state
@@ -240,26 +319,35 @@ def train(
     elif init_from is not None:
         opt_state = load_initial_weights(init_from, model, recipe, data.tokenizer.sha256)
         init_optimizer = opt_state is not None
-        record = {"init_from": str(init_from), "optimizer": init_optimizer}
-        (run_dir / "init_from.json").write_text(json.dumps(record, indent=1) + "\n")
+        if world.main:
+            record = {"init_from": str(init_from), "optimizer": init_optimizer}
+            (run_dir / "init_from.json").write_text(json.dumps(record, indent=1) + "\n")
         log.info("starting from %s (%s)", init_from, "with optimizer state" if init_optimizer else "weights")
-    metrics, evals = JsonlLog(run_dir / "metrics.jsonl"), JsonlLog(run_dir / "eval.jsonl")
-    metrics.truncate_after(state.global_step)
-    evals.truncate_after(state.global_step)
+    model.to(world.device)
+    train_model = parallelize(model, t, world)
+    guard = StabilityGuard(t.spike_factor, t.max_skipped_in_row)
+    guard.load_state_dict(state.guard)
+
+    metrics: JsonlLog | _NoLog = JsonlLog(run_dir / "metrics.jsonl") if world.main else _NoLog()
+    evals: JsonlLog | _NoLog = JsonlLog(run_dir / "eval.jsonl") if world.main else _NoLog()
+    if world.main:
+        metrics.truncate_after(state.global_step)
+        evals.truncate_after(state.global_step)
+    logged_evals = read_jsonl(run_dir / "eval.jsonl")
     if (
         resume is not None
         and state.val_loss is not None
-        and not any(e["global_step"] == state.global_step for e in read_jsonl(evals.path))
+        and not any(e["global_step"] == state.global_step for e in logged_evals)
     ):
         evals.write(_eval_record(recipe, state, resume.name))
-    if state.global_step == 0 and not read_jsonl(evals.path):
+    if state.global_step == 0 and not logged_evals:
         # The model before training: where each domain's loss starts from.
-        state.val_loss = validation_loss(model, data.val, recipe)
+        state.val_loss = validation_loss(train_model, data.val, recipe)
         evals.write(_eval_record(recipe, state, None))
 
     schedules = stage_schedules(recipe)
-    progress = Progress(sum(recipe.stage_steps(s) for s in recipe.stages), state.global_step)
-    micro = recipe.train.micro_batch_size or recipe.train.batch_size
+    total_steps = sum(recipe.stage_steps(s) for s in recipe.stages)
+    progress = Progress(total_steps, state.global_step, quiet=not world.main)
     optimizer = None
     try:
         for si, stage in enumerate(recipe.stages):
@@ -272,62 +360,80 @@ def train(
             if optimizer is None or fresh:
                 optimizer = make_optimizer(model, recipe)
                 if opt_state is not None and not fresh:
-                    optimizer.load_state_dict(opt_state)
+                    restore_optimizer(model, optimizer, opt_state, world)
                 opt_state = None
             progress.message(
                 f"stage {si + 1}/{len(recipe.stages)} '{stage.name}': steps {state.step}→{steps}, "
                 f"mixture {stage.mixture}, FIM {stage.fim.rate}"
                 + (", fresh optimizer" if fresh and si else "")
+                + (f", {world.world_size} processes ({t.parallel})" if world.distributed else "")
             )
             stage_data = StageData(recipe, data, si)
             wall0, t0 = state.stage_wall_s.get(stage.name, 0.0), time.time()
             t_ready = time.time()
-            for step, batch in stage_data.batches(state.step, steps):
+            for step, batch in stage_data.batches(state.step, steps, world.rank, world.world_size):
                 t_batch = time.time()
                 lrs = set_lr(optimizer, schedules[si].lr(step))
-                loss, grad_norm = train_step(
-                    model, optimizer, batch, micro, recipe.train.precision, recipe.optimizer.grad_clip
+                optimizer.zero_grad(set_to_none=True)
+                loss = world.mean(compute_gradients(train_model, batch, micro, t.precision, world.device))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip)
                 )
+                skipped = guard.check(loss, grad_norm, f"{stage.name} step {step + 1}")
+                if skipped is None:
+                    optimizer.step()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    progress.message(f"{stage.name} step {step + 1}: skipped, {skipped}")
                 now = time.time()
                 tokens = recipe.tokens_per_step
                 state.step, state.global_step = step + 1, state.global_step + 1
                 state.tokens_seen += tokens
                 state.stage_wall_s[stage.name] = wall0 + (now - t0)
                 tok_s = tokens / max(now - t_ready, 1e-9)
-                if state.step % recipe.train.log_every == 0 or state.step == steps:
-                    metrics.write(
-                        {
-                            "stage": stage.name,
-                            "stage_index": si,
-                            "step": state.step,
-                            "global_step": state.global_step,
-                            "tokens": state.tokens_seen,
-                            "loss": round(loss, 6),
-                            "grad_norm": round(grad_norm, 6),
-                            "lr": {k: float(f"{v:.6g}") for k, v in lrs.items()},
-                            "tokens_per_s": round(tok_s, 1),
-                            "data_wait_s": round(t_batch - t_ready, 4),
-                            "fim_segments": batch.fim_segments,
-                            "time": round(now, 3),
-                        }
-                    )
+                if state.step % t.log_every == 0 or state.step == steps or skipped:
+                    record = {
+                        "stage": stage.name,
+                        "stage_index": si,
+                        "step": state.step,
+                        "global_step": state.global_step,
+                        "tokens": state.tokens_seen,
+                        "loss": round(loss, 6) if math.isfinite(loss) else str(loss),
+                        "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else str(grad_norm),
+                        "lr": {k: float(f"{v:.6g}") for k, v in lrs.items()},
+                        "tokens_per_s": round(tok_s, 1),
+                        "tokens_per_s_per_process": round(tok_s / world.world_size, 1),
+                        "data_wait_s": round(t_batch - t_ready, 4),
+                        "fim_segments": batch.fim_segments,
+                        "time": round(now, 3),
+                    }
+                    if skipped:
+                        record["skipped"] = skipped
+                    metrics.write(record)
                 progress.update(stage.name, state.step, steps, loss, tok_s)
                 if state.step % stage.checkpoint_every == 0 or state.step == steps:
-                    state.val_loss = validation_loss(model, data.val, recipe)
+                    state.val_loss = validation_loss(train_model, data.val, recipe)
+                    state.guard = guard.state_dict()
                     name = checkpoint_name(si, state.step)
-                    save_checkpoint(
-                        ck_root / name,
-                        model.state_dict(),
-                        optimizer.state_dict(),
-                        state,
-                        checkpoint_config(recipe),
-                        tokenizer_path,
-                    )
-                    evals.write(_eval_record(recipe, state, name))
-                    progress.message(
-                        f"checkpoint {name}: val loss "
-                        + ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items())
-                    )
+                    tensors = model_state(model, world)  # collectives: every process takes part
+                    opt_tensors = optimizer_state(model, optimizer, world)
+                    if world.main:
+                        save_checkpoint(
+                            ck_root / name,
+                            tensors,
+                            opt_tensors,
+                            state,
+                            checkpoint_config(recipe),
+                            tokenizer_path,
+                        )
+                        evals.write(_eval_record(recipe, state, name))
+                        removed = prune_checkpoints(ck_root, recipe)
+                        progress.message(
+                            f"checkpoint {name}: val loss "
+                            + ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items())
+                            + (f" (removed {', '.join(removed)})" if removed else "")
+                        )
+                    world.barrier()
                 if stop_after_steps is not None and state.global_step >= stop_after_steps:
                     return {"stopped_at": state.global_step}
                 t_ready = time.time()
@@ -339,7 +445,7 @@ def train(
     finally:
         metrics.close()
         evals.close()
-    return write_summary(recipe, run_dir, state)
+    return write_summary(recipe, run_dir, state) if world.main else {}
 
 
 def _eval_record(recipe: Recipe, state: TrainState, name: str | None) -> dict:

@@ -1,0 +1,132 @@
+"""Running one model on many processes (torchrun): the process group, and the one function that applies
+activation checkpointing, `torch.compile` and DDP or FSDP2 (`fully_shard`) to a model that knows nothing of
+them. Parameter names are left unchanged, so muP parameter groups and checkpoints look the same on 1 or N
+processes, and a run resumes on another number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crystal_lm.config import TrainConfig
+from crystal_lm.model import CrystalModel
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over all processes (for logging a loss)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+
+def init_world() -> World:
+    """The process group torchrun describes in the environment (one process without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = f"cuda:{local_rank}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return World(rank, world_size, local_rank, device)
+
+
+def _checkpointed(block: nn.Module, forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def parallelize(model: CrystalModel, cfg: TrainConfig, world: World) -> nn.Module:
+    """Activation checkpointing and compile per block, then FSDP2 (blocks, then the root) or DDP.
+    Returns the module to call for training; `model` itself stays the module whose parameters the
+    optimizer holds (FSDP2 shards them in place)."""
+    for block in model.blocks:
+        forward = block.forward
+        if cfg.compile:
+            forward = torch.compile(forward)
+        if cfg.activation_checkpointing:
+            forward = functools.partial(_checkpointed, block, forward)
+        block.forward = forward  # an instance attribute: parameter names do not change
+    if not world.distributed:
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(world.device.split(":")[0], (world.world_size,))
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, reduce_dtype=torch.float32
+        )
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        # The root holds the embedding (= tied head) and final norm. It reshards after forward too, so the
+        # registered parameters are always the sharded ones (an optimizer made after an evaluation pass
+        # must hold those, not the transient unsharded tensors).
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.local_rank] if world.device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _options(world: World):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Gathered whole on every process (rank 0 writes it): a checkpoint does not depend on the world size.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True) if world.distributed else None
+
+
+def model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The full model state under its own parameter names (a collective under FSDP2)."""
+    if not world.distributed:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(world))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
+    """The optimizer state keyed by parameter name (not position), so it loads into any layout."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(world))
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, world: World
+) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options(world))

@@ -1,0 +1,121 @@
+"""torchrun on CPU (gloo): 2-process DDP and FSDP2 runs follow the single-process loss trajectory, and a run
+resumes on another number of processes with the same data order; the stability guard and retention."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from crystal_lm.config import load_recipe
+from crystal_lm.train.checkpoint import list_checkpoints, load_tensors
+from crystal_lm.train.metrics import read_jsonl
+from crystal_lm.train.trainer import train
+
+
+def _recipe_file(recipe_dict, prepared, tmp_path, name: str, **train_opts) -> str:
+    _, data = prepared
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["tokenizer"] = {"path": str(data.tokenizer.path)}
+    d["train"].update({"batch_size": 4, "micro_batch_size": 2, "threads": 1, **train_opts})
+    d["stages"] = [d["stages"][0], d["stages"][1]]
+    for st in d["stages"]:
+        st["tokens"] = 4 * 64 * 4  # 4 steps per stage
+        st["checkpoint_every"] = 2
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def _torchrun(recipe: str, out, nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run(
+        [*cmd, "-m", "crystal_lm.cli", "train", recipe, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _losses(run) -> list[float]:
+    return [m["loss"] for m in read_jsonl(run / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(recipe_dict, prepared, tmp_path, parallel):
+    _, data = prepared
+    recipe_path = _recipe_file(recipe_dict, prepared, tmp_path, parallel, parallel=parallel)
+    single = train(load_recipe(recipe_path), tmp_path / "single", data=data)
+    _torchrun(recipe_path, tmp_path / "two")
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "single"), rel=2e-4)
+    a = load_tensors(list_checkpoints(tmp_path / "single" / "checkpoints")[-1])
+    b = load_tensors(list_checkpoints(tmp_path / "two" / "checkpoints")[-1])
+    assert set(a) == set(b)  # same parameter names whatever the layout
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-5)
+    assert single["tokens_seen"] == read_jsonl(tmp_path / "two" / "metrics.jsonl")[-1]["tokens"]
+
+
+def test_a_two_process_run_resumes_on_one_process_with_the_same_data(recipe_dict, prepared, tmp_path):
+    _, data = prepared
+    recipe_path = _recipe_file(recipe_dict, prepared, tmp_path, "resume", parallel="fsdp")
+    _torchrun(recipe_path, tmp_path / "two")
+    full = _losses(tmp_path / "two")
+    # Keep the 2-process run up to its first stage-2 checkpoint, then finish it on one process.
+    for ckpt in list_checkpoints(tmp_path / "two" / "checkpoints"):
+        if ckpt.name > "phase2_checkpoint_000002":
+            import shutil
+
+            shutil.rmtree(ckpt)
+    train(load_recipe(recipe_path), tmp_path / "two", data=data)
+    resumed = _losses(tmp_path / "two")
+    assert len(resumed) == len(full) == 8
+    assert resumed == pytest.approx(full, rel=2e-4)  # the same batches, the same optimizer state
+
+
+def test_a_nan_step_is_skipped_and_the_run_carries_on(recipe_dict, prepared, tmp_path, monkeypatch):
+    import crystal_lm.train.trainer as trainer
+
+    _, data = prepared
+    recipe = load_recipe(_recipe_file(recipe_dict, prepared, tmp_path, "nan", keep_last=1))
+    real, calls = trainer.compute_gradients, []
+
+    def poisoned(train_model, *args):
+        calls.append(1)
+        loss = real(train_model, *args)
+        if len(calls) == 3:  # a fault in the third step: every gradient becomes NaN
+            for p in train_model.parameters():
+                p.grad.fill_(float("nan"))
+            return float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer, "compute_gradients", poisoned)
+    summary = train(recipe, tmp_path / "run", data=data)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert metrics[2]["skipped"].startswith("non-finite loss") and "skipped" not in metrics[3]
+    assert summary["complete"] and all(isinstance(m["loss"], float) for m in metrics[3:])
+    weights = load_tensors(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # Retention (keep_last 1): stage ends stay, of the rest only the newest.
+    names = [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["phase1_checkpoint_000004", "phase2_checkpoint_000004"]
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(recipe_dict, prepared, tmp_path, monkeypatch):
+    import crystal_lm.train.trainer as trainer
+    from crystal_lm.train.stability import TrainingDiverged
+
+    _, data = prepared
+    recipe = load_recipe(_recipe_file(recipe_dict, prepared, tmp_path, "diverge", max_skipped_in_row=2))
+    monkeypatch.setattr(trainer, "compute_gradients", lambda *a: float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"2 steps in a row skipped \(last: non-finite loss"):
+        train(recipe, tmp_path / "run", data=data)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
