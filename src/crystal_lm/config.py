@@ -234,6 +234,8 @@ class TrainConfig:
     # multiple of `keep_every`, and each stage's last checkpoint are kept.
     keep_last: int | None = None
     keep_every: int | None = None
+    # Peak dense bf16 TFLOP/s of one device, for the MFU in the logs (None: known GPUs are looked up).
+    peak_tflops: float | None = None
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_a_nan_step_is_skipped_and_the_run_carries_on(recipe_dict, prepared, tmp
     import crystal_lm.train.trainer as trainer
 
     _, data = prepared
-    recipe = load_recipe(_recipe_file(recipe_dict, prepared, tmp_path, "nan", keep_last=1))
+    recipe = load_recipe(_recipe_file(recipe_dict, prepared, tmp_path, "nan", keep_last=1, peak_tflops=0.001))
     real, calls = trainer.compute_gradients, []
 
     def poisoned(train_model, *args):
@@ -102,6 +102,10 @@ def test_a_nan_step_is_skipped_and_the_run_carries_on(recipe_dict, prepared, tmp
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert metrics[2]["skipped"].startswith("non-finite loss") and "skipped" not in metrics[3]
     assert summary["complete"] and all(isinstance(m["loss"], float) for m in metrics[3:])
+    m0 = metrics[0]  # throughput in model FLOPs against the stated peak
+    assert m0["tflops_per_process"] > 0 and m0["mfu"] == pytest.approx(
+        m0["tflops_per_process"] / 0.001, abs=0.1
+    )
     weights = load_tensors(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert all(torch.isfinite(w).all() for w in weights.values())
     # Retention (keep_last 1): stage ends stay, of the rest only the newest.

@@ -156,7 +156,7 @@ def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
         batch.append(doc)
         pending += len(doc.text)
         text_bytes += len(doc.text)
-        if len(batch) >= 256 or pending >= 8 * 2**20:  # bounded memory whatever the document sizes
+        if len(batch) >= 256 or pending >= 2**20:  # bounded memory whatever the document sizes
             flush()
             pending = 0
     flush()

@@ -54,9 +54,11 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
-        self.stream_pos = 0  # tokens written to windows so far (window i starts at i * seq_len)
-        self.rows: list[np.ndarray] = []
         self.shards: list[dict] = []
+        # The shard file being written: rows go straight to disk (memory stays bounded), hashed as they go.
+        self._file = None
+        self._hash = hashlib.sha256()
+        self._rows_in_file = self._bytes_in_file = 0
         self.docs_file = open(self.dir / "documents.jsonl", "w")
         self.n_docs = 0
         self.n_tokens = 0
@@ -79,34 +81,48 @@ class ShardWriter:
             return
         stream = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=self.dtype)
         n_full = (len(stream) - 1) // L if len(stream) > L else 0
-        for i in range(n_full):
-            self.rows.append(stream[i * L : i * L + L + 1])
+        if n_full:
+            self._write_rows(np.stack([stream[i * L : i * L + L + 1] for i in range(n_full)]))
         rest = stream[n_full * L :]  # the last token of a window is also the first of the next
         if final and len(rest) > 1:
-            row = np.full(L + 1, self.eos_id, dtype=self.dtype)
-            row[: len(rest)] = rest
-            self.rows.append(row)
+            row = np.full((1, L + 1), self.eos_id, dtype=self.dtype)
+            row[0, : len(rest)] = rest
+            self._write_rows(row)
             self.last_valid = len(rest)
             rest = rest[:0]
         self.buffer, self.buffered = [rest.copy()], len(rest)
-        while len(self.rows) >= self.rows_per_shard or (final and self.rows):
-            self._flush(self.rows[: self.rows_per_shard])
-            self.rows = self.rows[self.rows_per_shard :]
+        if final and self._file is not None:
+            self._close_file()
 
-    def _flush(self, rows: list[np.ndarray]) -> None:
-        arr = np.stack(rows).astype(self.dtype, copy=False)
-        name = f"shard-{len(self.shards):05d}.bin"
-        data = arr.tobytes()
-        (self.dir / name).write_bytes(data)
+    def _write_rows(self, rows: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            if self._file is None:
+                self._file = open(self.dir / f"shard-{len(self.shards):05d}.bin", "wb")
+                self._hash, self._rows_in_file, self._bytes_in_file = hashlib.sha256(), 0, 0
+            take = min(len(rows) - i, self.rows_per_shard - self._rows_in_file)
+            data = rows[i : i + take].astype(self.dtype, copy=False).tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._rows_in_file += take
+            self._bytes_in_file += len(data)
+            i += take
+            if self._rows_in_file == self.rows_per_shard:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        assert self._file is not None
+        self._file.close()
         self.shards.append(
             {
-                "file": name,
-                "n_samples": len(rows),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "file": Path(self._file.name).name,
+                "n_samples": self._rows_in_file,
+                "bytes": self._bytes_in_file,
+                "sha256": self._hash.hexdigest(),
                 "last_valid": self.seq_len + 1,
             }
         )
+        self._file = None
 
     def close(self, extra: dict | None = None) -> Path:
         self._emit_windows(final=True)

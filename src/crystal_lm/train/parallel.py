@@ -130,3 +130,22 @@ def load_optimizer_state(
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options(world))
+
+
+# Dense bf16 peak TFLOP/s (no sparsity) by device name, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(configured: float | None, device: str) -> float | None:
+    if configured is not None:
+        return configured
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6·N for the matmuls of forward and backward, plus 12·L·H·Q·T for
+    attention scores and values (the PaLM appendix convention)."""
+    return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len

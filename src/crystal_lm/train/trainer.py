@@ -39,11 +39,13 @@ from crystal_lm.train.checkpoint import (
 from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl
 from crystal_lm.train.parallel import (
     World,
+    flops_per_token,
     init_world,
     load_optimizer_state,
     model_state,
     optimizer_state,
     parallelize,
+    peak_tflops,
 )
 from crystal_lm.train.schedule import stage_schedules
 from crystal_lm.train.stability import StabilityGuard
@@ -326,6 +328,15 @@ def train(
     model.to(world.device)
     train_model = parallelize(model, t, world)
     guard = StabilityGuard(t.spike_factor, t.max_skipped_in_row)
+    m = recipe.model
+    flops_token = flops_per_token(  # parameter counts are global (a DTensor's numel is its full size)
+        sum(p.numel() for p in model.parameters()),
+        m.n_layers,
+        m.n_heads,
+        m.d_model // m.n_heads,
+        recipe.data.seq_len,
+    )
+    peak = peak_tflops(t.peak_tflops, world.device)
     guard.load_state_dict(state.guard)
 
     metrics: JsonlLog | _NoLog = JsonlLog(run_dir / "metrics.jsonl") if world.main else _NoLog()
@@ -403,10 +414,16 @@ def train(
                         "lr": {k: float(f"{v:.6g}") for k, v in lrs.items()},
                         "tokens_per_s": round(tok_s, 1),
                         "tokens_per_s_per_process": round(tok_s / world.world_size, 1),
+                        "tflops_per_process": round(flops_token * tok_s / world.world_size / 1e12, 4),
                         "data_wait_s": round(t_batch - t_ready, 4),
                         "fim_segments": batch.fim_segments,
                         "time": round(now, 3),
                     }
+                    if peak:
+                        record["mfu"] = round(record["tflops_per_process"] / peak, 4)
+                        record["peak_tflops"] = peak
+                    if world.device.startswith("cuda"):
+                        record["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
                     if skipped:
                         record["skipped"] = skipped
                     metrics.write(record)
