@@ -15,6 +15,7 @@ infill CKPT --prefix P --suffix S   fill in the middle through the FIM tokens
 import HF_DIR --out CKPT     LLM360's Hugging Face layout → checkpoint
 export CKPT --out HF_DIR     checkpoint → LLM360's layout (transformers loads it)
 mup coord-check --out DIR    muP coordinate check plot
+plan RECIPE --gpus N         memory per GPU and step time of DDP / FSDP2 (± activation checkpointing)
 release RUN_DIR --out DIR    package a run as LLM360 released Crystal (checkpoints, data order, card)
 verify RELEASE_DIR           check a release's hashes, checkpoints and data order
 """
@@ -281,6 +282,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from crystal_lm.train.plan import plan
+
+    recipe = _recipe(args.recipe, None)
+    layouts = plan(recipe, args.gpus, args.gpu_memory, args.micro_batch, args.peak_tflops, args.mfu)
+    micro = args.micro_batch or recipe.train.micro_batch_size or recipe.train.batch_size // args.gpus
+    print(
+        f"{recipe.name}: {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, micro-batch {micro} × "
+        f"{recipe.data.seq_len} per GPU, global batch {recipe.train.batch_size}; step time at {args.mfu:.0%} "
+        f"MFU of {args.peak_tflops:g} TFLOP/s"
+    )
+    print(f"{'layout':<38} {'GiB/GPU':>8} {'states':>8} {'activ.':>8} {'step s':>8} {'tok/s/GPU':>10}  fits")
+    for lay in layouts:
+        print(
+            f"{lay.name:<38} {lay.memory_gib:>8.1f} {lay.states_gib:>8.1f} {lay.activations_gib:>8.1f} "
+            f"{lay.step_s:>8.2f} {lay.tokens_per_s_per_gpu:>10,.0f}  {'yes' if lay.fits else 'no'}"
+        )
+    best = next((lay for lay in layouts if lay.fits), None)
+    print(
+        f"fastest layout that fits: {best.name}"
+        if best
+        else "nothing fits: more GPUs or a smaller micro-batch"
+    )
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     from crystal_lm.release.bundle import build_release
 
@@ -534,6 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="memory per GPU and step time of each parallel layout for a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step (default: the recipe's)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
+    p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("release", help="package a run like LLM360's release: checkpoints, data order, logs")
     p.add_argument("run_dir")
