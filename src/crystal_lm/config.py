@@ -236,6 +236,9 @@ class TrainConfig:
     keep_every: int | None = None
     # Peak dense bf16 TFLOP/s of one device, for the MFU in the logs (None: known GPUs are looked up).
     peak_tflops: float | None = None
+    # Besides metrics.jsonl: TensorBoard event files / W&B offline runs, when those packages are installed.
+    tensorboard: bool = True
+    wandb: bool = True
 
 
 @dataclass

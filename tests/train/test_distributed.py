@@ -108,6 +108,15 @@ def test_a_nan_step_is_skipped_and_the_run_carries_on(recipe_dict, prepared, tmp
     )
     weights = load_tensors(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert all(torch.isfinite(w).all() for w in weights.values())
+    # TensorBoard event files carry the same numbers (the skipped step's NaN loss is not a scalar).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(tb_loss) == [1, 2, 4, 5, 6, 7, 8]
+    assert tb_loss[4] == pytest.approx(metrics[3]["loss"], rel=1e-6)
+    assert len(events.Scalars("val_loss/code")) == 4
     # Retention (keep_last 1): stage ends stay, of the rest only the newest.
     names = [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["phase1_checkpoint_000004", "phase2_checkpoint_000004"]

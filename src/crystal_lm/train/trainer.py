@@ -36,6 +36,7 @@ from crystal_lm.train.checkpoint import (
     load_state,
     save_checkpoint,
 )
+from crystal_lm.train.loggers import ExtraLoggers
 from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl
 from crystal_lm.train.parallel import (
     World,
@@ -344,6 +345,9 @@ def train(
     if world.main:
         metrics.truncate_after(state.global_step)
         evals.truncate_after(state.global_step)
+    extra = (
+        ExtraLoggers(run_dir, recipe.name, recipe.to_dict(), t.tensorboard, t.wandb) if world.main else None
+    )
     logged_evals = read_jsonl(run_dir / "eval.jsonl")
     if (
         resume is not None
@@ -427,6 +431,8 @@ def train(
                     if skipped:
                         record["skipped"] = skipped
                     metrics.write(record)
+                    if extra is not None:
+                        extra.log(record, state.global_step)
                 progress.update(stage.name, state.step, steps, loss, tok_s)
                 if state.step % stage.checkpoint_every == 0 or state.step == steps:
                     state.val_loss = validation_loss(train_model, data.val, recipe)
@@ -444,6 +450,8 @@ def train(
                             tokenizer_path,
                         )
                         evals.write(_eval_record(recipe, state, name))
+                        if extra is not None:
+                            extra.log({"val_loss": state.val_loss}, state.global_step, prefix="")
                         removed = prune_checkpoints(ck_root, recipe)
                         progress.message(
                             f"checkpoint {name}: val loss "
@@ -462,6 +470,8 @@ def train(
     finally:
         metrics.close()
         evals.close()
+        if extra is not None:
+            extra.close()
     return write_summary(recipe, run_dir, state) if world.main else {}
 
 
