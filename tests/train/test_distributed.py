@@ -4,6 +4,7 @@ resumes on another number of processes with the same data order; the stability g
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -132,3 +133,27 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(recipe_dict, prepared, tmp_pat
     with pytest.raises(TrainingDiverged, match=r"2 steps in a row skipped \(last: non-finite loss"):
         train(recipe, tmp_path / "run", data=data)
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from crystal_lm.config import ModelConfig, MupConfig, TrainConfig
+    from crystal_lm.model import build_model
+    from crystal_lm.train.parallel import World, parallelize
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(cfg, MupConfig(base_width=16), seed=3)
+        train_model = parallelize(
+            model, TrainConfig(batch_size=2, activation_checkpointing=checkpointing), World()
+        )
+        assert (
+            isinstance(model.blocks[0].forward, functools.partial) == checkpointing
+        )  # recomputed in backward
+        loss = train_model(ids[:, :-1], labels=ids[:, 1:], loss_mask=torch.ones(2, 16))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert next(n for n, _ in model.named_parameters()) == "transformer.wte.weight"  # names unchanged
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
