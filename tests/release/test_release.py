@@ -179,3 +179,21 @@ def test_training_starts_from_a_released_checkpoint(trained_run, prepared, relea
     d["model"]["n_layers"] = 3
     with pytest.raises(RunDirError, match=r"model\.n_layers is 2 there but 3 in the recipe"):
         train(recipe_from_dict(d), tmp_path / "bad", data=data, init_from=ckpt)
+
+
+def test_under_a_retention_policy_only_permanent_checkpoints_are_released(trained_run, tmp_path):
+    import shutil
+
+    _, run_dir, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    record = json.loads((run / "recipe.json").read_text())
+    record["recipe"]["train"]["keep_last"] = 1  # stage ends are permanent, the rest was transient
+    (run / "recipe.json").write_text(json.dumps(record))
+    build_release(run, tmp_path / "rel", log=lambda m: None)
+    released = sorted(p.name for p in (tmp_path / "rel" / "checkpoints").iterdir() if p.is_dir())
+    assert released == [
+        "test-small_phase1_checkpoint_000006",
+        "test-small_phase2_checkpoint_000006",
+        "test-small_phase3_checkpoint_000004",
+    ]

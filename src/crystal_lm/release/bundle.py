@@ -4,7 +4,8 @@ Layout (the top level is itself a Hugging Face model folder holding the final mo
 
     README.md                 model card (Hugging Face front matter)
     config.json, *.safetensors, tokenizer*, ...   the final checkpoint in LLM360's layout
-    checkpoints/<name>_phase{N}_checkpoint_{step:06d}/   every checkpoint in the same layout, named like
+    checkpoints/<name>_phase{N}_checkpoint_{step:06d}/   every permanent checkpoint (all of them unless
+                              the run has a retention policy) in the same layout, named like
                               LLM360's branches; `crystal_state/` holds its training state (and the
                               optimizer, with --with-optimizer) so training resumes from it
     recipe.json, recipe.yaml  the recipe as run, every default resolved
@@ -144,9 +145,13 @@ def build_release(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ReleaseError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     recipe, record = run_recipe(run_dir)
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    if not checkpoints:
+    from crystal_lm.train.trainer import is_permanent
+
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
         raise ReleaseError(f"{run_dir}: no checkpoints to release")
+    # Permanent checkpoints (all of them without a retention policy), and the newest as the final model.
+    checkpoints = [c for c in found[:-1] if is_permanent(c, recipe)] + found[-1:]
     for ckpt in checkpoints:
         verify_checkpoint(ckpt)  # a damaged checkpoint stops the release: nothing is published half-right
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")

@@ -113,6 +113,17 @@ def restore_optimizer(
         load_optimizer_state(model, optimizer, state, world)
 
 
+def is_permanent(checkpoint: Path, recipe: Recipe) -> bool:
+    """Kept for good by the retention policy: every checkpoint when there is none, else stage ends and
+    every `keep_every`-th global step."""
+    t = recipe.train
+    if t.keep_last is None:
+        return True
+    st = load_state(checkpoint)
+    stage_end = st.step == recipe.stage_steps(recipe.stages[st.stage_index])
+    return stage_end or (t.keep_every is not None and st.global_step % t.keep_every == 0)
+
+
 def prune_checkpoints(root: Path, recipe: Recipe) -> list[str]:
     """Apply the retention policy; returns the names removed. The newest `keep_last` checkpoints, each stage's
     end and every `keep_every`-th global step are kept; the others are removed."""
@@ -120,12 +131,7 @@ def prune_checkpoints(root: Path, recipe: Recipe) -> list[str]:
     if t.keep_last is None:
         return []
     everything = list_checkpoints(root)
-    doomed = []
-    for ckpt in everything[: max(0, len(everything) - t.keep_last)]:
-        st = load_state(ckpt)
-        stage_end = st.step == recipe.stage_steps(recipe.stages[st.stage_index])
-        if not (stage_end or (t.keep_every is not None and st.global_step % t.keep_every == 0)):
-            doomed.append(ckpt)
+    doomed = [c for c in everything[: max(0, len(everything) - t.keep_last)] if not is_permanent(c, recipe)]
     for ckpt in doomed:
         shutil.rmtree(ckpt)
     return [c.name for c in doomed]
