@@ -157,3 +157,24 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert next(n for n, _ in model.named_parameters()) == "transformer.wte.weight"  # names unchanged
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_loss_and_gradients():
+    """`train.compile` (torch.compile per block; about 30 s of compilation on CPU, hence slow)."""
+    from crystal_lm.config import ModelConfig, MupConfig, TrainConfig
+    from crystal_lm.model import build_model
+    from crystal_lm.train.parallel import World, parallelize
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        model = build_model(cfg, MupConfig(base_width=16), seed=3)
+        train_model = parallelize(model, TrainConfig(batch_size=2, compile=compiled), World())
+        loss = train_model(ids[:, :-1], labels=ids[:, 1:], loss_mask=torch.ones(2, 16))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6)
