@@ -36,9 +36,8 @@ def test_release_holds_every_checkpoint_the_data_order_logs_and_a_card(trained_r
         ).read_text()
     )
     assert final["tokens_seen"] == summary["tokens_seen"]
-    assert (
-        release / "checkpoints" / "test-small_phase1_checkpoint_000003" / "crystal_state" / "optimizer.pt"
-    ).is_file()
+    state_dir = release / "checkpoints" / "test-small_phase1_checkpoint_000003" / "crystal_state"
+    assert (state_dir / "optimizer" / ".metadata").is_file()  # the sharded optimizer state, released
     assert yaml.safe_load((release / "recipe.yaml").read_text())["stages"][1]["fim"]["rate"] == 0.9
     order = json.loads((release / "data" / "order.json").read_text())
     assert [s["name"] for s in order["stages"]] == ["stage1", "stage2", "stage3"]
@@ -166,15 +165,19 @@ def test_training_starts_from_a_released_checkpoint(trained_run, prepared, relea
     assert result["complete"] and result["tokens_seen"] == 4 * 64 * 2
 
     from crystal_lm.model import build_model
-    from crystal_lm.train.trainer import load_initial_weights
+    from crystal_lm.train.checkpoint import read_optimizer_state
+    from crystal_lm.train.parallel import World
+    from crystal_lm.train.trainer import load_initial_weights, make_optimizer, restore_optimizer
 
     model = build_model(cont.model, cont.mup)
-    opt = load_initial_weights(ckpt, model, cont, data.tokenizer.sha256)
-    saved = torch.load(
-        run_dir / "checkpoints" / "phase2_checkpoint_000006" / "optimizer.pt", weights_only=True
-    )
+    source = load_initial_weights(ckpt, model, cont, data.tokenizer.sha256)
+    assert source == ckpt / "crystal_state" / "optimizer"  # the released, sharded optimizer state
+    optimizer = make_optimizer(model, cont)
+    restore_optimizer(model, optimizer, source, World())
+    saved = read_optimizer_state(run_dir / "checkpoints" / "phase2_checkpoint_000006")
     name = "transformer.h.0.attn.c_attn.weight"  # optimizer state is saved by parameter name
-    assert torch.equal(opt["state"][name]["exp_avg"], saved["optimizer"]["state"][name]["exp_avg"])
+    param = dict(model.named_parameters())[name]
+    assert torch.equal(optimizer.state[param]["exp_avg"], saved["state"][name]["exp_avg"])
 
     d["model"]["n_layers"] = 3
     with pytest.raises(RunDirError, match=r"model\.n_layers is 2 there but 3 in the recipe"):

@@ -16,7 +16,11 @@ import pytest
 import torch
 
 from crystal_lm.config import recipe_from_dict
-from crystal_lm.train.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer
+from crystal_lm.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    read_optimizer_state,
+)
 from crystal_lm.train.metrics import read_jsonl
 from crystal_lm.train.trainer import RunDirError, train
 
@@ -54,7 +58,7 @@ def test_stage2_keeps_the_optimizer_and_stage3_starts_fresh(trained_run):
     _, run_dir, _ = trained_run
 
     def adam_steps(name):
-        state = load_optimizer(run_dir / "checkpoints" / name)["optimizer"]["state"]
+        state = read_optimizer_state(run_dir / "checkpoints" / name)["state"]
         return {int(v["step"]) for v in state.values()}
 
     assert adam_steps("phase1_checkpoint_000006") == {6}

@@ -167,6 +167,8 @@ def build_release(
             state_dir.mkdir()
             for f in ("state.json", "config.json") + (("optimizer.pt",) if with_optimizer else ()):
                 shutil.copyfile(ckpt / f, state_dir / f)
+            if with_optimizer and (ckpt / "optimizer").is_dir():  # the sharded optimizer state
+                shutil.copytree(ckpt / "optimizer", state_dir / "optimizer")
             state = load_state(ckpt)
             released.append(
                 {

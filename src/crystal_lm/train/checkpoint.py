@@ -58,12 +58,16 @@ def save_checkpoint(
     state: TrainState,
     config: dict[str, Any],
     tokenizer_path: Path | None,
+    tmp: Path | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. `tensors` are saved as given (dtype kept)."""
+    """Write a checkpoint folder atomically. `tensors` are saved as given (dtype kept). The optimizer state is
+    either given here (small, one process) or already written, sharded, into `tmp/optimizer` by every process
+    (see `crystal_lm.train.parallel.save_optimizer_sharded`); `tmp` is then that folder."""
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp is None:
+        tmp = staging_dir(directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "crystal-lm"})
     torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
@@ -71,7 +75,7 @@ def save_checkpoint(
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1) + "\n")
     with open(tmp / "COMPLETE", "w") as f:
         f.write("ok\n")
@@ -81,6 +85,37 @@ def save_checkpoint(
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def staging_dir(directory: Path) -> Path:
+    """Where a checkpoint is assembled before the rename; the same name on every process."""
+    directory = Path(directory)
+    return directory.with_name(f".{directory.name}.tmp")
+
+
+def optimizer_source(directory: Path) -> Path | dict | None:
+    """What a checkpoint holds of the optimizer: a sharded `optimizer/` folder (loaded into a live optimizer
+    by `load_optimizer_sharded`), a state dict (older checkpoints), or nothing."""
+    directory = Path(directory)
+    if (directory / "optimizer").is_dir():
+        return directory / "optimizer"
+    if (directory / "optimizer.pt").is_file():
+        return load_optimizer(directory).get("optimizer")
+    return None
+
+
+def read_optimizer_state(directory: Path) -> dict:
+    """The optimizer state of a checkpoint as one dict keyed by parameter name (for inspection)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    source = optimizer_source(directory)
+    if not isinstance(source, Path):
+        return source or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(source, Path(tmp) / "optimizer.pt")
+        return torch.load(Path(tmp) / "optimizer.pt", weights_only=True)["optimizer"]
 
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:

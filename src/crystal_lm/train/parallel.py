@@ -117,13 +117,6 @@ def model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(world))
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
-    """The optimizer state keyed by parameter name (not position), so it loads into any layout."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options(world))
-
-
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, world: World
 ) -> None:
@@ -149,3 +142,22 @@ def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, s
     """Training FLOPs per token: 6·N for the matmuls of forward and backward, plus 12·L·H·Q·T for
     attention scores and values (the PaLM appendix convention)."""
     return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len
+
+
+def save_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Every process writes its shard of the optimizer state with torch.distributed.checkpoint (one process:
+    the whole of it). Keys are parameter names, so it loads on any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+
+
+def load_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Load a sharded optimizer state into a live optimizer, resharding to this world's layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # a template with this layout
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])

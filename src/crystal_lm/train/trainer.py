@@ -34,7 +34,9 @@ from crystal_lm.train.checkpoint import (
     load_model_weights,
     load_optimizer,
     load_state,
+    optimizer_source,
     save_checkpoint,
+    staging_dir,
 )
 from crystal_lm.train.loggers import ExtraLoggers
 from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl
@@ -42,11 +44,12 @@ from crystal_lm.train.parallel import (
     World,
     flops_per_token,
     init_world,
+    load_optimizer_sharded,
     load_optimizer_state,
     model_state,
-    optimizer_state,
     parallelize,
     peak_tflops,
+    save_optimizer_sharded,
 )
 from crystal_lm.train.schedule import stage_schedules
 from crystal_lm.train.stability import StabilityGuard
@@ -104,13 +107,16 @@ def train_step(
 
 
 def restore_optimizer(
-    model: CrystalModel, optimizer: torch.optim.Optimizer, state: dict, world: World
+    model: CrystalModel, optimizer: torch.optim.Optimizer, source: Path | dict, world: World
 ) -> None:
-    """Optimizer state saved by name (any world size); checkpoints from before names were used, by position."""
-    if state.get("state") and all(isinstance(k, int) for k in state["state"]):
-        optimizer.load_state_dict(state)
+    """A sharded optimizer folder (any world size), or a state dict by parameter name or, from older
+    checkpoints, by position."""
+    if isinstance(source, Path):
+        load_optimizer_sharded(model, optimizer, source)
+    elif source.get("state") and all(isinstance(k, int) for k in source["state"]):
+        optimizer.load_state_dict(source)
     else:
-        load_optimizer_state(model, optimizer, state, world)
+        load_optimizer_state(model, optimizer, source, world)
 
 
 def is_permanent(checkpoint: Path, recipe: Recipe) -> bool:
@@ -175,7 +181,7 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
 
 def load_initial_weights(
     source: str | Path, model: CrystalModel, recipe: Recipe, tokenizer_sha256: str
-) -> dict | None:
+) -> Path | dict | None:
     """Weights to start a new run from: a released checkpoint (LLM360's layout, optionally with
     `crystal_state/optimizer.pt`) or a crystal-lm checkpoint folder. Returns the optimizer state if the
     source has one. The architecture, muP settings and tokenizer must be the recipe's."""
@@ -191,10 +197,10 @@ def load_initial_weights(
         verify_checkpoint(source)
         model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
         load_model_weights(source, model)
-        optimizer_file = source / "optimizer.pt"
+        optimizer_dir = source
     else:
         model_cfg, mup, tensors = read_hf_checkpoint(source)
-        optimizer_file = source / "crystal_state" / "optimizer.pt"
+        optimizer_dir = source / "crystal_state"
 
     def effective(cfg: ModelConfig | MupConfig) -> dict:
         d = asdict(cfg)
@@ -222,9 +228,7 @@ def load_initial_weights(
                 f"--init-from {source}: its tokenizer ({sha[:16]}…) is not this recipe's data tokenizer "
                 f"({tokenizer_sha256[:16]}…); token ids would not mean the same thing"
             )
-    if optimizer_file.is_file():
-        return torch.load(optimizer_file, weights_only=True)["optimizer"]
-    return None
+    return optimizer_source(optimizer_dir) if optimizer_dir.is_dir() else None
 
 
 def write_summary(recipe: Recipe, run_dir: Path, state: TrainState) -> dict:
@@ -315,9 +319,8 @@ def train(
     if resume is not None:
         state = load_state(resume)
         load_model_weights(resume, model)
-        saved = load_optimizer(resume)
-        opt_state = saved["optimizer"]
-        torch.set_rng_state(saved["torch_rng"])
+        torch.set_rng_state(load_optimizer(resume)["torch_rng"])
+        opt_state = optimizer_source(resume)
         log.info(
             "resuming from %s (stage %d, step %d, %s tokens seen)",
             resume.name,
@@ -444,16 +447,24 @@ def train(
                     state.val_loss = validation_loss(train_model, data.val, recipe)
                     state.guard = guard.state_dict()
                     name = checkpoint_name(si, state.step)
-                    tensors = model_state(model, world)  # collectives: every process takes part
-                    opt_tensors = optimizer_state(model, optimizer, world)
+                    # Every process takes part: the full model is gathered, the optimizer written in shards.
+                    tensors = model_state(model, world)
+                    staging = staging_dir(ck_root / name)
+                    if world.main:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        staging.mkdir(parents=True)
+                    world.barrier()
+                    save_optimizer_sharded(model, optimizer, staging / "optimizer")
+                    world.barrier()
                     if world.main:
                         save_checkpoint(
                             ck_root / name,
                             tensors,
-                            opt_tensors,
+                            None,
                             state,
                             checkpoint_config(recipe),
                             tokenizer_path,
+                            tmp=staging,
                         )
                         evals.write(_eval_record(recipe, state, name))
                         if extra is not None:
