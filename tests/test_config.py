@@ -111,3 +111,19 @@ def test_yaml_scientific_notation_without_dot_is_a_number(recipe_dict):
 def test_recipe_file_not_found(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("keep_last", 0, r"train\.keep_last: must be at least 1, got 0"),
+        ("keep_every", 0, r"train\.keep_every: must be at least 1, got 0"),
+        ("max_skipped_in_row", 0, r"train\.max_skipped_in_row: must be at least 1"),
+        ("spike_factor", 0.5, r"train\.spike_factor: .* use > 1"),
+    ],
+)
+def test_retention_and_guard_settings_are_checked(recipe_dict, key, value, message):
+    d = copy.deepcopy(recipe_dict)
+    d["train"][key] = value
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(d)

@@ -378,8 +378,22 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("stages: at least one stage is required")
     if not d.sources:
         raise RecipeError("data.sources: at least one source is required")
+    t = recipe.train
+    for key, value, low in (
+        ("keep_last", t.keep_last, 1),
+        ("keep_every", t.keep_every, 1),
+        ("max_skipped_in_row", t.max_skipped_in_row, 1),
+    ):
+        if value is not None and value < low:
+            raise RecipeError(f"train.{key}: must be at least {low}, got {value}")
+    if t.spike_factor is not None and t.spike_factor <= 1.0:
+        raise RecipeError(
+            f"train.spike_factor: a loss this many times the recent mean is a spike; use > 1, got {t.spike_factor}"
+        )
     for name, src in d.sources.items():
         where = f"data.sources.{name}"
+        if (src.max_bytes is not None and src.max_bytes < 0) or src.max_doc_bytes < 1:
+            raise RecipeError(f"{where}: max_bytes must be >= 0 and max_doc_bytes >= 1")
         if (src.embedded is None) == (src.path is None):
             raise RecipeError(f"{where}: give exactly one of 'embedded' or 'path'")
         if src.embedded is not None:

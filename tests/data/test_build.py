@@ -158,3 +158,82 @@ def test_per_document_fim_before_packing(recipe_dict, prepared, jsonl_source, tm
     d["data"]["sources"]["python"]["document_fim"] = {"rate": 0.5}
     with pytest.raises(RecipeError, match=r"stages\[1\]\.fim: source 'python' is already FIM'd per document"):
         recipe_from_dict(d)
+
+
+def test_data_order_of_a_multi_unit_source_names_exactly_the_window_tokens(
+    recipe_dict, prepared, jsonl_source, tmp_path
+):
+    """Each unit's stream starts at a window boundary (its last window padded, or sharing one position with
+    the next unit): order records still name exactly the tokens of each window."""
+    from crystal_lm.data.loader import StageData
+    from crystal_lm.data.order import order_records
+
+    _, data = prepared
+    tok = data.tokenizer
+    folder, _ = jsonl_source
+    recipe = _recipe(
+        recipe_dict, folder, tmp_path / "o", workers=1, unit_bytes=120_000, tokenizer={"path": str(tok.path)}
+    )
+    built = prepare_data(recipe)
+    shards = built.train["mine"]
+    assert len(shards.index["units"]) > 3
+    texts = {}
+    for unit in range(3):
+        with open(folder / f"part-{unit}.jsonl") as f:
+            for line in f:
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if d.get("id"):
+                    texts[d["id"]] = normalize_text(d["text"], recipe.data.normalize)
+    total = recipe.stage_steps(recipe.stages[0]) * recipe.train.batch_size
+    sd = StageData(recipe, built, 0)
+    L = recipe.data.seq_len
+    for r in order_records(recipe, built, 0, 0, total):
+        packed = []
+        for d in r["documents"]:
+            ids = [
+                t
+                for p in split_for_tokenizing(texts[d["id"]], recipe.data.chunk_chars)
+                for t in tok.encode(p)
+            ]
+            packed += [tok.bos_id, *ids, tok.eos_id][d["start"] : d["end"]]
+        window = shards.window(r["sample"])
+        assert packed == window.tokens[: window.valid].tolist()
+        assert (r["source"], r["sample"]) == sd.mixture(r["index"]) and len(packed) <= L + 1
+
+
+def test_a_text_budget_is_spent_in_unit_order_across_an_interruption(
+    recipe_dict, prepared, jsonl_source, tmp_path, monkeypatch
+):
+    """`max_bytes`: a resumed build counts the text of the units finished before the interruption."""
+    _, data = prepared
+    folder, _ = jsonl_source
+    tok = {"path": str(data.tokenizer.path)}
+
+    def recipe(cache):
+        r = _recipe(recipe_dict, folder, tmp_path / cache, workers=1, tokenizer=tok)
+        r.data.sources["mine"].max_bytes = 250_000  # about half of the text
+        return r
+
+    clean = prepare_data(recipe("clean"))
+    real, calls = build_mod.build_unit, []
+
+    def dies_on_second(spec, unit, units_dir):
+        calls.append(unit.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec, unit, units_dir)
+
+    monkeypatch.setattr(build_mod, "build_unit", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(recipe("resumed"))
+    monkeypatch.undo()
+    resumed = prepare_data(recipe("resumed"))
+    for split in ("train", "val"):
+        a, b = getattr(clean, split)["mine"], getattr(resumed, split)["mine"]
+        assert [u["documents"] for u in a.index["units"]] == [u["documents"] for u in b.index["units"]]
+        assert _shard_contents(a) == _shard_contents(b)
+    kept = sum(u["documents_read"] for u in clean.train["mine"].index["units"])
+    assert kept < jsonl_source[1]  # the budget ran out before the last unit's end

@@ -73,15 +73,19 @@ def test_records_name_the_documents_the_trainer_read(prepared, packed_docs):
 
 
 def test_document_spans_at_exact_boundaries():
-    idx = order._DocumentIndex(["a", "b", "c"], np.array([0, 3, 8]), np.array([3, 8, 10]))
-    assert idx.spans(0, 3) == [{"id": "a", "start": 0, "end": 3}]
-    assert idx.spans(3, 8) == [{"id": "b", "start": 0, "end": 5}]  # no empty span for "a" or "c"
-    assert idx.spans(2, 9) == [
+    idx = order._DocumentIndex(["a", "b", "c"], np.array([0, 3, 8]), np.array([3, 8, 10]), np.zeros(3, int))
+    assert idx.spans(0, 3, 0) == [{"id": "a", "start": 0, "end": 3}]
+    assert idx.spans(3, 8, 0) == [{"id": "b", "start": 0, "end": 5}]  # no empty span for "a" or "c"
+    assert idx.spans(2, 9, 0) == [
         {"id": "a", "start": 2, "end": 3},
         {"id": "b", "start": 0, "end": 5},
         {"id": "c", "start": 0, "end": 1},
     ]
-    assert idx.spans(9, 10) == [{"id": "c", "start": 1, "end": 2}]
+    assert idx.spans(9, 10, 0) == [{"id": "c", "start": 1, "end": 2}]
+    # A unit ending on a full window shares its last position with the next unit's first token.
+    two = order._DocumentIndex(["a", "b"], np.array([0, 4]), np.array([5, 9]), np.array([0, 1]))
+    assert two.spans(0, 5, 0) == [{"id": "a", "start": 0, "end": 5}]
+    assert two.spans(4, 9, 1) == [{"id": "b", "start": 0, "end": 5}]
 
 
 def test_records_cover_document_boundaries_and_the_padded_last_window(prepared, packed_docs):

@@ -216,16 +216,17 @@ def build_units(
         log.info("%s: %d of %d units to build with %d worker(s)", spec.source, len(todo), len(units), workers)
     if workers == 1 or len(todo) <= 1:
         budget = spec.max_bytes
-        for u in todo:
-            unit_spec = (
-                spec if budget is None else BuildSpec(**{**spec.__dict__, "max_bytes": max(budget, 0)})
-            )
-            record = build_unit(unit_spec, u, units_dir)
+        for u in units:  # in unit order: a text budget is spent by the units before, built now or earlier
+            path = units_dir / u.key / "unit.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+            else:
+                record = build_unit(_with_budget(spec, budget), u, units_dir)
+                done += 1
+                if progress:
+                    progress(done, len(units))
             if budget is not None:
                 budget -= record["text_bytes"]
-            done += 1
-            if progress:
-                progress(done, len(units))
     else:
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or tokenizer state
         with ctx.Pool(workers) as pool:
@@ -234,6 +235,10 @@ def build_units(
                 if progress:
                     progress(done, len(units))
     return [json.loads((units_dir / u.key / "unit.json").read_text()) for u in units]
+
+
+def _with_budget(spec: BuildSpec, budget: int | None) -> BuildSpec:
+    return spec if budget is None else BuildSpec(**{**spec.__dict__, "max_bytes": max(budget, 0)})
 
 
 def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: list[dict]) -> list[dict]:
@@ -249,7 +254,9 @@ def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: l
         return records
     _, doc_id, k = min(candidates)
     shutil.rmtree(root / "units" / units[k].key)
-    forced = BuildSpec(**{**spec.__dict__, "force_val": (doc_id,)})
+    # The unit is rebuilt with the text budget it had (what the units before it left).
+    budget = None if spec.max_bytes is None else spec.max_bytes - sum(r["text_bytes"] for r in records[:k])
+    forced = BuildSpec(**{**_with_budget(spec, budget).__dict__, "force_val": (doc_id,)})
     return [*records[:k], build_unit(forced, units[k], root / "units"), *records[k + 1 :]]
 
 
@@ -265,18 +272,19 @@ def finalize(
         shards, rows = [], 0
         n_docs = n_tokens = 0
         with open(tmp / "documents.jsonl", "w") as docs_out:
-            for rec in records:
+            for u, rec in enumerate(records):
                 unit_split = root / "units" / rec["key"] / split
-                offset = rows * seq_len
+                offset = rows * seq_len  # the unit's stream starts at its first window
                 with open(unit_split / "documents.jsonl") as f:
                     for line in f:
                         d = json.loads(line)
                         d["start"] += offset
+                        d["unit"] = u
                         docs_out.write(json.dumps(d) + "\n")
                 for s in rec["splits"][split]["shards"]:
                     name = f"shard-{len(shards):05d}.bin"
                     os.link(unit_split / s["file"], tmp / name)
-                    shards.append({**s, "file": name, "unit": rec["key"]})
+                    shards.append({**s, "file": name, "unit": rec["key"], "unit_index": u})
                     rows += s["n_samples"]
                 n_docs += rec["splits"][split]["documents"]
                 n_tokens += rec["splits"][split]["tokens"]

@@ -32,14 +32,19 @@ class _DocumentIndex:
     ids: list[str]
     starts: np.ndarray  # int64, ascending
     ends: np.ndarray  # int64, starts + tokens
+    units: np.ndarray  # int64: which build unit (packed stream) each document belongs to
 
-    def spans(self, lo: int, hi: int) -> list[dict]:
-        """The documents overlapping stream positions [lo, hi), with offsets inside each document."""
+    def spans(self, lo: int, hi: int, unit: int) -> list[dict]:
+        """The documents of `unit` overlapping stream positions [lo, hi), with offsets inside each document.
+        (Each unit's stream starts at its first window: a unit ending on a full window shares that window's
+        last position with the next unit's first token, hence the unit filter.)"""
         first = int(np.searchsorted(self.ends, lo, side="right"))  # first document ending after lo
         last = int(np.searchsorted(self.starts, hi, side="left"))  # documents starting before hi
         out = []
-        for k in range(first, last):
+        for k in range(max(0, first - 1), last):
             s, e = int(self.starts[k]), int(self.ends[k])
+            if self.units[k] != unit or e <= lo:
+                continue
             out.append({"id": self.ids[k], "start": max(lo, s) - s, "end": min(hi, e) - s})
         return out
 
@@ -54,20 +59,29 @@ def _document_index(shards: ShardSet) -> _DocumentIndex:
     ids: list[str] = []
     starts: list[int] = []
     lengths: list[int] = []
+    units: list[int] = []
     for d in shards.documents():
         ids.append(d["id"])
         starts.append(d["start"])
         lengths.append(d["tokens"])
+        units.append(d.get("unit", 0))
     start_arr = np.asarray(starts, dtype=np.int64)
     end_arr = start_arr + np.asarray(lengths, dtype=np.int64)
-    contiguous = len(ids) == 0 or (start_arr[0] == 0 and np.array_equal(start_arr[1:], end_arr[:-1]))
-    total = int(end_arr[-1]) if len(ids) else 0
-    if not contiguous or total != shards.n_tokens:
+    unit_arr = np.asarray(units, dtype=np.int64)
+    # Within a unit documents follow each other exactly; a new unit starts at its first window (at most one
+    # token before the previous unit's end, see `spans`).
+    same_unit = unit_arr[1:] == unit_arr[:-1]
+    tiled = len(ids) == 0 or (
+        np.array_equal(start_arr[1:][same_unit], end_arr[:-1][same_unit])
+        and bool((start_arr[1:][~same_unit] >= end_arr[:-1][~same_unit] - 1).all())
+    )
+    total = int(end_arr.sum() - start_arr.sum())
+    if not tiled or total != shards.n_tokens:
         raise ShardError(
             f"{shards.dir}/documents.jsonl: document offsets do not tile the packed stream "
             f"({total} tokens listed, index.json says {shards.n_tokens}); rebuild the shards"
         )
-    index = _DocumentIndex(ids, start_arr, end_arr)
+    index = _DocumentIndex(ids, start_arr, end_arr, unit_arr)
     _INDEXES[shards] = index
     return index
 
@@ -130,6 +144,8 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
         if fim:
             valid = min(valid, L)
         lo = sample * L
+        shard = int(np.searchsorted(shards.offsets, sample, side="right")) - 1
+        unit = shards.index["shards"][shard].get("unit_index", 0)
         records.append(
             {
                 "index": g,
@@ -138,7 +154,7 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
                 "source": source,
                 "sample": sample,
                 "epoch": epoch,
-                "documents": _document_index(shards).spans(lo, lo + valid),
+                "documents": _document_index(shards).spans(lo, lo + valid, unit),
                 "fim": fim,
             }
         )

@@ -50,8 +50,8 @@ class World:
 def init_world() -> World:
     """The process group torchrun describes in the environment (one process without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return World()
+    if world_size == 1:  # one process: the GPU when there is one
+        return World(device="cuda:0" if torch.cuda.is_available() else "cpu")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
