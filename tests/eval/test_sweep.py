@@ -16,11 +16,11 @@ def test_sweep_covers_every_checkpoint_once_and_resumes(trained_run, tmp_path, m
     calls = []
     real = sw._code_task
 
-    def counting(ckpt, task, settings, limit, seed):
-        calls.append((ckpt.name, task))
+    def counting(loaded, task, settings, limit, seed):
+        calls.append(task)
         if len(calls) == 3:
             raise KeyboardInterrupt  # interrupted mid-sweep
-        return real(ckpt, task, settings, limit, seed)
+        return real(loaded, task, settings, limit, seed)
 
     monkeypatch.setattr(sw, "_code_task", counting)
     with pytest.raises(KeyboardInterrupt):

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -310,7 +310,7 @@ def finalize(
                 }
                 for r in records
             ],
-            "skipped": _total(r["skipped"] for r in records),
+            "skipped": total_counts(r["skipped"] for r in records),
             "skip_examples": [e for r in records for e in r["skip_examples"]][:10],
             "dropped_short_documents": sum(r["dropped_short_documents"] for r in records),
         }
@@ -319,7 +319,8 @@ def finalize(
         os.replace(tmp, root / split)
 
 
-def _total(counts: Iterator[dict[str, int]]) -> dict[str, int]:
+def total_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts per reason, summed over units."""
     out: dict[str, int] = {}
     for c in counts:
         for k, v in c.items():

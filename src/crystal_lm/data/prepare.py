@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crystal_lm.config import Recipe, RecipeError, check_paths
-from crystal_lm.data.build import BuildSpec, build_units, ensure_validation, finalize, is_validation
+from crystal_lm.data.build import (
+    BuildSpec,
+    build_units,
+    ensure_validation,
+    finalize,
+    is_validation,
+    total_counts,
+)
 from crystal_lm.data.corpus import EmbeddedCorpus, build_embedded_corpus
 from crystal_lm.data.documents import iter_source, source_fingerprint
 from crystal_lm.data.readers import Unit, detect_format, list_units
@@ -185,21 +192,16 @@ def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -
         spec, units, root, build_units(spec, units, root, recipe.data.workers, progress)
     )
     if not any(r["splits"][s]["documents"] for r in records for s in ("train", "val")):
-        skipped = ", ".join(f"{k} {v}" for k, v in _sum_skipped(records).items()) or "none skipped"
+        skipped = (
+            ", ".join(f"{k} {v}" for k, v in total_counts(r["skipped"] for r in records).items())
+            or "none skipped"
+        )
         raise RecipeError(
             f"{recipe.source_file}: data.sources.{name}: the source has no usable documents ({skipped})"
         )
     meta = {"source": name, "domain": spec.domain, "format": spec.fmt}
     finalize(root, records, recipe.data.seq_len, tok.sha256, token_dtype(vocab).str, meta)
     shutil.rmtree(root / "units", ignore_errors=True)  # the split folders hold links to every shard
-
-
-def _sum_skipped(records: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in records:
-        for k, v in r["skipped"].items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:

@@ -17,7 +17,7 @@ from typing import Any
 
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.eval.code import CRYSTAL_SETTINGS, STOP_SEQUENCES, CodeTask, load_benchmark, score
-from crystal_lm.eval.generate import Sampling, cut_at_stop, generate_batch
+from crystal_lm.eval.generate import Sampling, cut_at_stop, fim_prompt, fim_stop_ids, generate_batch
 from crystal_lm.model import CrystalModel
 
 INFILL = ("humaneval-infill-single", "humaneval-infill-multi")
@@ -44,14 +44,9 @@ class CodeSettings:
 
 
 def _prompt(task: CodeTask, tok: Tokenizer, infill: bool, mode: str) -> list[int]:
-    if not infill:
-        return [tok.bos_id, *tok.encode(task.prompt)]
-    pre, suf = [tok.bos_id, *tok.encode(task.prompt)], tok.encode(task.suffix)
-    if mode == "psm":
-        return [tok.fim_prefix_id, *pre, tok.fim_suffix_id, *suf, tok.fim_middle_id]
-    if mode == "spm":
-        return [tok.fim_prefix_id, tok.fim_suffix_id, *suf, tok.fim_middle_id, *pre]
-    raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
+    if infill:
+        return fim_prompt(tok, task.prompt, task.suffix, mode)
+    return [tok.bos_id, *tok.encode(task.prompt)]
 
 
 def _finish_middle(text: str, single_line: bool) -> str:
@@ -76,7 +71,7 @@ def generate_completions(
     tasks = tasks[:limit] if limit else tasks
     infill = benchmark in INFILL
     if infill:
-        stop_ids = {tok.eos_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id, tok.fim_pad_id}
+        stop_ids = fim_stop_ids(tok)
         stops: tuple[str, ...] = ()
     else:
         stop_ids, stops = {tok.eos_id}, STOP_SEQUENCES

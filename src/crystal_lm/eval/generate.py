@@ -145,14 +145,20 @@ def infill(
     model: CrystalModel, tok: Tokenizer, prefix: str, suffix: str, sampling: Sampling, mode: str = "psm"
 ) -> str:
     """The middle between `prefix` and `suffix`, prompted as in training (crystal-spec §7 item 9)."""
+    ids = generate_ids(model, fim_prompt(tok, prefix, suffix, mode), sampling, fim_stop_ids(tok))
+    return cut_at_stop(tok.decode(ids, skip_special_tokens=True), sampling.stop)
+
+
+def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, mode: str = "psm") -> list[int]:
+    """The infilling prompt in training's layout: the document's `<s>` starts the prefix; PSM or SPM."""
     pre, suf = [tok.bos_id, *tok.encode(prefix)], tok.encode(suffix)
     if mode == "psm":
-        prompt = [tok.fim_prefix_id, *pre, tok.fim_suffix_id, *suf, tok.fim_middle_id]
-    elif mode == "spm":
-        prompt = [tok.fim_prefix_id, tok.fim_suffix_id, *suf, tok.fim_middle_id, *pre]
-    else:
-        raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
-    stops = {tok.eos_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id, tok.fim_pad_id}
-    return cut_at_stop(
-        tok.decode(generate_ids(model, prompt, sampling, stops), skip_special_tokens=True), sampling.stop
-    )
+        return [tok.fim_prefix_id, *pre, tok.fim_suffix_id, *suf, tok.fim_middle_id]
+    if mode == "spm":
+        return [tok.fim_prefix_id, tok.fim_suffix_id, *suf, tok.fim_middle_id, *pre]
+    raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
+
+
+def fim_stop_ids(tok: Tokenizer) -> set[int]:
+    """A middle ends at EOS or at any FIM token."""
+    return {tok.eos_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id, tok.fim_pad_id}

@@ -65,10 +65,10 @@ def record_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _code_task(ckpt: Path, task: str, settings: str, limit: int | None, seed: int) -> dict[str, Any]:
+def _code_task(loaded: tuple, task: str, settings: str, limit: int | None, seed: int) -> dict[str, Any]:
     from crystal_lm.eval.code_generation import CodeSettings, evaluate_code
 
-    return evaluate_code(ckpt, task, CodeSettings.named(settings, task), limit=limit, seed=seed)
+    return evaluate_code(loaded, task, CodeSettings.named(settings, task), limit=limit, seed=seed)
 
 
 def sweep(
@@ -130,21 +130,27 @@ def sweep(
             language = [t for t in todo if t in CRYSTAL_SHOTS]
             if language:
                 results |= evaluate_language(ckpt, language, limit=limit, seed=seed)
+            loaded: list = []  # the checkpoint's model and tokenizer, read once for all its tasks
+
+            def model_and_tokenizer(ckpt: Path = ckpt, loaded: list = loaded) -> tuple:
+                if not loaded:
+                    from crystal_lm.eval.generate import load_checkpoint
+
+                    loaded.append(load_checkpoint(ckpt))
+                return loaded[0]
+
             for task in todo:
                 if task == "val_loss":
-                    from crystal_lm.eval.generate import load_checkpoint
                     from crystal_lm.eval.validation import validation_loss
 
-                    model, _ = load_checkpoint(ckpt)
-                    results[task] = validation_loss(model, data.val, recipe)
+                    results[task] = validation_loss(model_and_tokenizer()[0], data.val, recipe)
                 elif task == "memorization":
-                    from crystal_lm.eval.generate import load_checkpoint
                     from crystal_lm.eval.memorization import memorization
 
-                    model, _ = load_checkpoint(ckpt)
+                    model = model_and_tokenizer()[0]
                     results[task] = memorization(model, recipe, data, state.stage_index, state.step)
                 elif task in CODE_TASKS:
-                    results[task] = _code_task(ckpt, task, code_settings, limit, seed)
+                    results[task] = _code_task(model_and_tokenizer(), task, code_settings, limit, seed)
                 elif task not in results:
                     raise BenchmarkError(f"unknown task {task!r}")
             for task, (key, shots) in todo.items():
