@@ -40,6 +40,12 @@ def _mark_stages(ax, bounds: list[tuple[str, float, float]]) -> None:
         )
 
 
+def _save(fig, path: Path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _smooth(values: list[float]) -> list[float]:
     """Trailing mean over ~2% of the run (at least 5 steps), so early steps do not drag the curve."""
     window = max(5, len(values) // 50)
@@ -75,9 +81,7 @@ def plot_training_loss(metrics: list[dict], bounds, path: Path) -> None:
     ax.set_ylim(max(0.0, lo - 0.5), min(max(y), lo + 5) if y else 1)
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
@@ -104,9 +108,7 @@ def plot_validation_loss(evals: list[dict], bounds, path: Path) -> None:
     ax.set_ylabel("validation loss (held-out)")
     ax.legend(loc="upper right", ncol=2, fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
@@ -119,9 +121,7 @@ def plot_learning_rate(metrics: list[dict], bounds, path: Path) -> None:
     ax.set_ylabel("learning rate")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 CODE_TASKS = ("humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi")
@@ -192,9 +192,7 @@ def plot_benchmarks(tasks: list[str], rows: list[dict], bounds, path: Path) -> N
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def plot_language_vs_code(avg: list[dict], bounds, path: Path) -> None:
@@ -211,9 +209,7 @@ def plot_language_vs_code(avg: list[dict], bounds, path: Path) -> None:
     ax.set_ylabel("average score")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_memorization(records: list[dict], bounds, path: Path) -> None:
@@ -231,9 +227,7 @@ def plot_memorization(records: list[dict], bounds, path: Path) -> None:
     ax.set_ylabel("memorization score\n(32-token greedy match)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def analysis_section(run_dir: Path, bounds) -> list[str]:
