@@ -6,7 +6,8 @@ tokenizer, same corpus, one core each; plus peak memory as the corpus grows 10×
    against `load_dataset("json")` + `.map(batched=True)` tokenizing with `PreTrainedTokenizerFast` (NFC in
    the map, `<s>`/`</s>` added, no attention mask) + the standard `group_texts` map into `seq_len + 1` blocks.
    Both read the same JSONL, made from the embedded corpus parts (prose, technical, python, web) under
-   `.cache/crystal-lm/corpus/`. Our build with Crystal's `ftfy` normalisation is an extra line. Threads:
+   `.cache/crystal-lm/corpus/`. Extra lines: our build with Crystal's `ftfy` normalisation, and our build
+   with `fast_bpe` turned off (every encode in `tokenizers`), which shows what the word cache gives. Threads:
    RAYON_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false, pyarrow's CPU and I/O pools at 1.
 2. Peak RSS of our build (a child process each) on 1× and 10× the corpus, one file, one unit.
 3. FIM (`apply_fim`, rate 0.9, SPM 0.5) on the windows built in 1 (seq_len 2048): samples/s on one core.
@@ -14,9 +15,12 @@ tokenizer, same corpus, one core each; plus peak memory as the corpus grows 10×
    `train_step` of the demo model on CPU, with the implied budget for a 1.3B model on an H100.
 
 Throughput is reported per wall second and per CPU second of this process (robust to other load on the
-machine). Writes benchmarks/results/data_throughput_cpu.json.
+machine). Writes benchmarks/results/data_throughput_cpu.json. `--tokenizer llama32k` runs 1 only, with a
+LLaMA-layout 32k SentencePiece BPE like Crystal's (benchmarks/llama_layout_tokenizer.py; downloads the pinned
+mistral-common wheel from PyPI once), and writes data_throughput_cpu_llama32k.json.
 
     .venv/bin/python benchmarks/data_throughput.py [--corpus-mb 20] [--mem-mb 10] [--fim-samples 400]
+    .venv/bin/python benchmarks/data_throughput.py --tokenizer llama32k --repeats 2
 
 About 4 minutes on 2 cores (the 10x memory point, ~100 MiB, is a third of it).
 """
@@ -33,6 +37,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -93,8 +98,17 @@ def write_corpus(out: Path, target_bytes: int, replicas: int = 1) -> int:
     return out.stat().st_size
 
 
-def tokenizer_path() -> Path:
-    found = sorted((REPO / ".cache" / "crystal-lm" / "tokenizers").glob("*/tokenizer.json"))
+def tokenizer_path(kind: str) -> Path:
+    if kind == "llama32k":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from llama_layout_tokenizer import build
+
+        return build()
+    found = sorted(
+        p
+        for p in (REPO / ".cache" / "crystal-lm" / "tokenizers").glob("*/tokenizer.json")
+        if "-" not in p.parent.name
+    )
     if not found:
         sys.exit("no demo tokenizer under .cache/crystal-lm/tokenizers; run `make demo` first")
     return found[0]
@@ -123,11 +137,15 @@ def build_spec(tok: Path, normalize: str, seq_len: int, corpus: Path):  # -> (Bu
     return spec, unit
 
 
-def run_ours(tok: Path, normalize: str, seq_len: int, corpus: Path, out: Path) -> dict:
+def run_ours(tok: Path, normalize: str, seq_len: int, corpus: Path, out: Path, fast: bool = True) -> dict:
+    """Our build of one unit; `fast=False` keeps every encode in `tokenizers` (no `fast_bpe` word cache)."""
+    from unittest import mock
+
     from crystal_lm.data.build import build_unit
 
     spec, unit = build_spec(tok, normalize, seq_len, corpus)
-    with Clock() as c:
+    off = mock.patch("crystal_lm.data.tokenizer.fast_encoder", return_value=None)
+    with off if not fast else contextlib.nullcontext(), Clock() as c:
         record = build_unit(spec, unit, out)
     tokens = sum(s["tokens"] for s in record["splits"].values())
     samples = sum(s["samples"] for s in record["splits"].values())
@@ -296,6 +314,51 @@ def loader_check(steps: int) -> dict:
     return out
 
 
+def h100_step_check(steps: int, mfu: float = 0.6) -> dict:
+    """The prefetching loader (`StageData.batches`, as the trainer uses it) against a stand-in for the 1.3B
+    training step on one H100: 8 × 2048 tokens per step at `mfu` of 989 TFLOP/s, slept (a GPU step leaves
+    the host idle and the GIL free, apart from Python's launch overhead, which this does not model). Stage 2
+    of recipes/tiny.yaml at seq_len 2048 (FIM 0.9 on 63 % code): the heaviest stage for the loader."""
+    import yaml
+
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.data.loader import StageData
+    from crystal_lm.data.prepare import prepare_data
+    from crystal_lm.train.parallel import flops_per_token
+
+    d, L, H, ff, V, T = 2048, 24, 16, 5461, 32032, 2048  # the 1.3B shape of train_throughput.py
+    n_params = V * d + L * (4 * d * d + 4 * d + 3 * d * ff + 2 * ff + d + 4 * d) + 2 * d
+    step_tokens = 8 * T
+    step_s = step_tokens * flops_per_token(n_params, L, H, d // H, T) / (mfu * 989e12)
+
+    os.chdir(REPO)  # the recipe's cache_dir is relative to the repository
+    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = T
+    raw["train"]["batch_size"] = 8
+    recipe = recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
+    data = prepare_data(recipe)
+    stage = StageData(recipe, data, 1)
+    waits, fim_segments = [], 0
+    t_ready = time.perf_counter()
+    for _step, batch in stage.batches(0, steps + 1):
+        waits.append(time.perf_counter() - t_ready)
+        fim_segments += batch.fim_segments
+        time.sleep(step_s)  # the GPU step
+        t_ready = time.perf_counter()
+    steady = waits[1:]  # the first batch fills the pipeline once per stage
+    return {
+        "step_tokens": step_tokens,
+        "stand_in_step_ms": 1000 * step_s,
+        "mfu_assumed": mfu,
+        "steps": steps,
+        "first_batch_ms": 1000 * waits[0],
+        "mean_wait_ms": 1000 * sum(steady) / len(steady),
+        "max_wait_ms": 1000 * max(steady),
+        "data_share_of_step_pct": 100 * sum(steady) / (len(steady) * step_s),
+        "fim_segments_per_step": fim_segments / len(waits),
+    }
+
+
 def versions() -> dict:
     import datasets
     import pyarrow
@@ -324,8 +387,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--fim-samples", type=int, default=400)
     parser.add_argument("--loader-steps", type=int, default=10)
+    parser.add_argument(
+        "--h100-steps", type=int, default=40, help="loader steps against the stand-in H100 step"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="tokenize+pack runs of each (fastest kept)")
     parser.add_argument("--skip-ftfy", action="store_true")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("demo", "llama32k"),
+        default="demo",
+        help="demo: the byte-level BPE of `make demo` (all checks); llama32k: a LLaMA-layout 32k SentencePiece "
+        "BPE like Crystal's (benchmarks/llama_layout_tokenizer.py), tokenize + pack only",
+    )
     args = parser.parse_args()
 
     import pyarrow as pa
@@ -333,7 +406,7 @@ def main() -> None:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     load_start = os.getloadavg()
-    tok = tokenizer_path()
+    tok = tokenizer_path(args.tokenizer)
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -348,6 +421,9 @@ def main() -> None:
             peer = p if peer is None or p["seconds"] < peer["seconds"] else peer
             ours = o if ours is None or o["seconds"] < ours["seconds"] else ours
         rows = {"crystal build (nfc)": ours, "datasets map (nfc)": peer}
+        rows["crystal, no fast_bpe (nfc)"] = run_ours(
+            tok, "nfc", args.seq_len, corpus, tmp / "units-nfc-slow", fast=False
+        )
         if not args.skip_ftfy:
             rows["crystal build (ftfy)"] = run_ours(tok, "ftfy", args.seq_len, corpus, tmp / "units-ftfy")
         for r in rows.values():
@@ -356,31 +432,36 @@ def main() -> None:
             r["mb_per_s"] = mb / r["seconds"]
         ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
         ratio_cpu = ours["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"]
+        if args.tokenizer != "demo":
+            print_rows(rows, mb, args.seq_len, tok, load_start)
+            print(f"ratio crystal / datasets (nfc): {ratio:.2f}x wall, {ratio_cpu:.2f}x CPU")
+            write_result(
+                f"data_throughput_cpu_{args.tokenizer}.json",
+                {
+                    "tokenizer": str(tok.relative_to(REPO)),
+                    "seq_len": args.seq_len,
+                    "corpus_mb": mb,
+                    "repeats": args.repeats,
+                    "load_average_start": load_start,
+                    "tokenize_pack": {
+                        k: {x: v for x, v in r.items() if x != "train_dir"} for k, r in rows.items()
+                    },
+                    "ratio_vs_peer": ratio,
+                    "ratio_vs_peer_cpu": ratio_cpu,
+                },
+            )
+            return
         fim = fim_check(tok, ours["train_dir"], args.fim_samples, args.seq_len)
         memory = memory_check(tok, args.seq_len, args.mem_mb, tmp)
     loader = loader_check(args.loader_steps)
+    h100 = h100_step_check(args.h100_steps)
 
-    from crystal_lm.data.tokenizer import Tokenizer
-
-    vocab = Tokenizer(tok).vocab_size
     per_sample_s = H100_SEQ_LEN / H100_TOKENS_PER_S
     need_overlapped = 1 / per_sample_s  # the prefetch thread only has to keep up
     need_serial = 100 / per_sample_s  # data on the critical path and under 1% of the step
     fim_code = fim["code"]["samples_per_s"]
 
-    print(
-        f"data pipeline, corpus {mb:.1f} MiB JSONL ({len(PARTS)} embedded parts), seq_len {args.seq_len}, "
-        f"demo tokenizer (vocab {vocab:,}), "
-        f"1 thread; load average at start {load_start[0]:.2f}"
-    )
-    print(
-        f"{'tokenize + pack':>22} | {'tokens':>10} | {'tokens/s':>9} | {'tok/CPU-s':>9} | {'MiB/s':>5} | {'s':>6}"
-    )
-    for name, r in rows.items():
-        print(
-            f"{name:>22} | {r['tokens']:>10,} | {r['tokens_per_s']:>9,.0f} | {r['tokens_per_cpu_s']:>9,.0f} | "
-            f"{r['mb_per_s']:>5.2f} | {r['seconds']:>6.1f}"
-        )
+    print_rows(rows, mb, args.seq_len, tok, load_start)
     print(f"ratio crystal / datasets (nfc): {ratio:.2f}x wall, {ratio_cpu:.2f}x CPU (goal >= 2x)")
     m1, m10 = memory["1x"], memory["10x"]
     print(
@@ -406,12 +487,14 @@ def main() -> None:
         f"critical path would need >= {need_serial:,.0f} samples/s for < 1%); FIM code windows: "
         f"{fim_code:,.0f} samples/s = {fim_code / need_overlapped:.1f}x the need"
     )
+    print(
+        f"prefetching loader against a stand-in 1.3B H100 step ({h100['step_tokens']:,} tokens at "
+        f"{h100['mfu_assumed']:.0%} MFU = {h100['stand_in_step_ms']:.0f} ms, slept), stage 2 at seq_len 2048: "
+        f"wait {h100['mean_wait_ms']:.3f} ms/step mean, {h100['max_wait_ms']:.2f} ms max = "
+        f"{h100['data_share_of_step_pct']:.3f}% of the step (goal < 1%); first batch {h100['first_batch_ms']:.0f} ms"
+    )
 
     result = {
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, 1 thread per pipeline)",
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "versions": versions(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "tokenizer": str(tok.relative_to(REPO)),
@@ -424,6 +507,7 @@ def main() -> None:
         "memory": memory,
         "fim": fim,
         "loader": loader,
+        "h100_stand_in_step": h100,
         "h100_budget": {
             "peer_tokens_per_s": H100_TOKENS_PER_S,
             "ms_per_sample": 1000 * per_sample_s,
@@ -432,7 +516,35 @@ def main() -> None:
             "fim_code_samples_per_s_vs_need": fim_code / need_overlapped,
         },
     }
-    out = REPO / "benchmarks" / "results" / "data_throughput_cpu.json"
+    write_result("data_throughput_cpu.json", result)
+
+
+def print_rows(rows: dict, mb: float, seq_len: int, tok: Path, load_start: tuple) -> None:
+    from crystal_lm.data.tokenizer import Tokenizer
+
+    print(
+        f"data pipeline, corpus {mb:.1f} MiB JSONL ({len(PARTS)} embedded parts), seq_len {seq_len}, "
+        f"tokenizer {tok.parent.name} (vocab {Tokenizer(tok).vocab_size:,}), "
+        f"1 thread; load average at start {load_start[0]:.2f}"
+    )
+    print(
+        f"{'tokenize + pack':>26} | {'tokens':>10} | {'tokens/s':>9} | {'tok/CPU-s':>9} | {'MiB/s':>5} | {'s':>6}"
+    )
+    for name, r in rows.items():
+        print(
+            f"{name:>26} | {r['tokens']:>10,} | {r['tokens_per_s']:>9,.0f} | {r['tokens_per_cpu_s']:>9,.0f} | "
+            f"{r['mb_per_s']:>5.2f} | {r['seconds']:>6.1f}"
+        )
+
+
+def write_result(name: str, result: dict) -> None:
+    out = REPO / "benchmarks" / "results" / name
+    result = {
+        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, 1 thread per pipeline)",
+        "platform": platform.platform(),
+        "versions": versions(),
+        **result,
+    }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written: {out.relative_to(REPO)}")
 

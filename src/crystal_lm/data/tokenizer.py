@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from crystal_lm.data.fast_bpe import fast_encoder
+
 BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 CRYSTAL_ADDED_TOKENS = (
     "<|fim_prefix|>",
@@ -49,9 +51,13 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """A `tokenizer.json` plus the ids Crystal's pipeline needs. Encoding never adds specials by itself."""
+    """A `tokenizer.json` plus the ids Crystal's pipeline needs. Encoding never adds specials by itself.
 
-    def __init__(self, path: str | Path) -> None:
+    Byte-level and SentencePiece-style BPE tokenizers encode through `fast_bpe` (the same ids, several
+    times faster); `fast=False` keeps every call in `tokenizers`.
+    """
+
+    def __init__(self, path: str | Path, fast: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"{self.path}: tokenizer file not found")
@@ -68,6 +74,7 @@ class Tokenizer:
         self.fim_suffix_id = self._id("<|fim_suffix|>", "<fim_suffix>")
         self.fim_pad_id = self._id("<|fim_pad|>", "<fim_pad>")
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.fast = fast_encoder(self.hf) if fast else None
 
     def _id(self, *names: str) -> int:
         for name in names:
@@ -84,9 +91,13 @@ class Tokenizer:
         return max(self.hf.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast.encode(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
