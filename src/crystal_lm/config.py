@@ -225,6 +225,9 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
     activation_checkpointing: bool = False
+    # Who prepares the next batches: a forked process (tokenizing and FIM then never hold the GIL the
+    # training loop needs) or a thread. `process` falls back to a thread where the platform cannot fork.
+    loader: Literal["process", "thread"] = "process"
     # Stability guard: a step whose loss or gradient norm is not finite, or whose loss exceeds
     # `spike_factor` × the mean of the last 20 steps, is skipped (no update) and logged;
     # `max_skipped_in_row` skipped steps in a row stop the run with the reason.

@@ -1,4 +1,4 @@
-"""The byte-level fast path gives exactly the ids of `tokenizers` itself, on real text and adversarial text."""
+"""The fast encoders give exactly the ids of `tokenizers` itself, on real text and adversarial text."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import random
 
 import pytest
+from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from crystal_lm.data import fast_bpe
 from crystal_lm.data.build import split_for_tokenizing
@@ -147,3 +147,37 @@ def test_sentencepiece_style_needs_words_no_token_spans(llama_style):
         if splitting["pre_tokenizer"] is not None:
             splitting["pre_tokenizer"]["split"] = True  # a pre-tokenizer this module does not reproduce
             assert fast_encoder(HFTokenizer.from_str(json.dumps(splitting))) is None
+
+
+def test_added_tokens_are_found_where_tokenizers_finds_them(llama_style, tmp_path):
+    """An added token with normalized=True matches the normalized text, where a space is "▁"."""
+    hf = HFTokenizer.from_file(str(llama_style[0].path))
+    hf.add_tokens([AddedToken("hi there", normalized=True), AddedToken("▁xyzzy", normalized=True)])
+    hf.save(str(tmp_path / "added.json"))
+    tok = Tokenizer(tmp_path / "added.json")
+    assert tok.fast is not None
+    texts = ["hi▁there", " xyzzy", "say hi there", "hi  there", "xyzzy", "▁xyzzy", "plain text"]
+    assert tok.encode_batch(texts) == reference(tok, texts)
+
+
+def test_a_tokenizer_changed_after_loading_is_followed(prepared):
+    _, data = prepared
+    tok = Tokenizer(data.tokenizer.path)
+    tok.hf.add_special_tokens(["<foo>"])
+    assert tok.encode_batch(["a<foo>b", "plain"]) == reference(tok, ["a<foo>b", "plain"])
+    tok.hf.enable_truncation(3)
+    assert (
+        tok.encode("a longer text than three tokens")
+        == reference(tok, ["a longer text than three tokens"])[0]
+    )
+    assert len(tok.encode("a longer text than three tokens")) == 3
+
+
+def test_no_fast_path_when_unknown_characters_are_dropped(llama_style):
+    """Without <unk> and without every byte token, `tokenizers` drops an unknown character and its
+    neighbours may merge across it, so no cut is safe."""
+    spec = json.loads(llama_style[0].hf.to_str())
+    spec["model"]["unk_token"] = None
+    assert fast_encoder(HFTokenizer.from_str(json.dumps(spec))) is not None  # every byte is encodable
+    del spec["model"]["vocab"]["<0x09>"]
+    assert fast_encoder(HFTokenizer.from_str(json.dumps(spec))) is None

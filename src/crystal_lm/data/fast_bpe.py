@@ -31,19 +31,24 @@ from itertools import chain
 
 from tokenizers import Tokenizer as HFTokenizer
 
+SPACE = "▁"  # SentencePiece's visible space
 MAX_CACHED_WORD = 64  # longer words (base64, minified code) are rare and would only bloat the cache
 CACHE_ENTRIES = 1 << 16  # bounds memory (~10 MB); cleared when full, refilled by the frequent words at once
 
 
 class WordCacheEncoder:
     """What both kinds share: the word cache, one call to the BPE model for a text's words not in it, and
-    added tokens sent to the tokenizer whole. A subclass cuts a text into a plan: words, and the index of each piece the
-    tokenizer must encode itself (in `slow`)."""
+    added tokens sent to the tokenizer whole. A subclass cuts a text into a plan: words, and the index of
+    each piece the tokenizer must encode itself (in `slow`)."""
 
     def __init__(self, hf: HFTokenizer, spec: dict) -> None:
         self.hf = hf
         self.cache: dict[str, tuple[int, ...]] = {}
-        added = [t.content for t in hf.get_added_tokens_decoder().values()]
+        self.n_ids = hf.get_vocab_size(with_added_tokens=True)
+        # `tokenizers` finds an added token in the raw text, or (normalized=True) in the normalized text,
+        # where spaces are "▁": searching with every "▁" read as a space finds all of those (and a few more,
+        # which only cost speed).
+        added = [t.content.replace(SPACE, " ") for t in hf.get_added_tokens_decoder().values()]
         self.added = re.compile("|".join(map(re.escape, added))) if added else None
         self.model = hf.model  # its `tokenize` is BPE on one word, nothing around it
         self.separator, self.separator_id = _separator(spec["model"])
@@ -52,12 +57,15 @@ class WordCacheEncoder:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._changed():
+            return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
         slow: list[str] = []  # pieces the tokenizer itself encodes, in one batch at the end
         holes: list[tuple[list, int, int]] = []  # (a text's ids, position, index in `slow`)
         get = self.cache.get
         out: list[list] = []
+        added = self.added
         for text in texts:
-            if self.added is not None and self.added.search(text) is not None:
+            if added is not None and added.search(text.replace(SPACE, " ") if SPACE in text else text):
                 slow.append(text)
                 plan: list = [len(slow) - 1]
             else:
@@ -71,6 +79,11 @@ class WordCacheEncoder:
             for ids, j, k in holes:
                 ids[j] = slow_ids[k]
         return [list(chain.from_iterable(ids)) for ids in out]
+
+    def _changed(self) -> bool:
+        """The tokenizer changed since this encoder was made: tokens added, truncation or padding set."""
+        hf = self.hf
+        return bool(hf.get_vocab_size(with_added_tokens=True) != self.n_ids or hf.truncation or hf.padding)
 
     def _fill(self, plan: list, ids: list, holes: list) -> None:
         """Fill in the words missing from the cache; note the slow pieces in `holes`."""
@@ -203,7 +216,6 @@ class ByteLevelEncoder(WordCacheEncoder):
         return word.translate(self.alphabet)
 
 
-SPACE = "▁"  # SentencePiece's visible space
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
@@ -274,6 +286,16 @@ class MetaspaceEncoder(WordCacheEncoder):
             spans.search(t) for t in chain(model.get("vocab", {}), joined)
         )
 
+    @staticmethod
+    def unknowns_kept(spec: dict) -> bool:
+        """With no <unk> token, `tokenizers` drops a character it cannot encode, and its neighbours (a "▁"
+        and the "▁" after it, say) become adjacent and may merge: no cut is safe then. Byte fallback with
+        all 256 byte tokens encodes every character."""
+        model = spec["model"]
+        vocab = model.get("vocab", {})
+        all_bytes = model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256))
+        return bool(all_bytes) or model.get("unk_token") is not None
+
     def _plan(self, text: str, slow: list[str]) -> list:
         if not text:
             return []
@@ -294,6 +316,10 @@ def fast_encoder(hf: HFTokenizer) -> WordCacheEncoder | None:
     if ByteLevelEncoder.supports(spec):
         return ByteLevelEncoder(hf, spec)
     layout = MetaspaceEncoder.layout(spec)
-    if layout is not None and MetaspaceEncoder.no_token_spans_a_word_start(spec):
+    if (
+        layout is not None
+        and MetaspaceEncoder.no_token_spans_a_word_start(spec)
+        and MetaspaceEncoder.unknowns_kept(spec)
+    ):
         return MetaspaceEncoder(hf, spec, *layout)
     return None

@@ -2,15 +2,19 @@
 
 The batch of step t is the global samples [t·B, (t+1)·B) of the stage; a rank of a data-parallel group takes
 its contiguous slice. Everything is a function of (seed, stage, step), so resuming needs only the step.
-A background thread prepares the next batches while the model trains on the current one.
+A background process (or thread) prepares the next batches while the model trains on the current one.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import queue
 import threading
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,22 +65,85 @@ class StageData:
         return window.tokens[:L], window.tokens[1:], mask, source, 0
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        return _to_batch(self.batch_arrays(step, rank, world_size))
+
+    def batch_arrays(self, step: int, rank: int = 0, world_size: int = 1) -> tuple:
+        """The batch as NumPy arrays (input ids, labels, loss mask), sources and FIM segment count."""
         B = self.recipe.train.batch_size
         per_rank = B // world_size
         start = step * B + rank * per_rank
         rows = [self.sample(g) for g in range(start, start + per_rank)]
-        return Batch(
-            input_ids=torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64)),
-            labels=torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64)),
-            loss_mask=torch.from_numpy(np.stack([r[2] for r in rows])),
-            sources=[r[3] for r in rows],
-            fim_segments=sum(r[4] for r in rows),
+        return (
+            np.stack([r[0] for r in rows]).astype(np.int64),
+            np.stack([r[1] for r in rows]).astype(np.int64),
+            np.stack([r[2] for r in rows]),
+            [r[3] for r in rows],
+            sum(r[4] for r in rows),
         )
 
     def batches(
-        self, start_step: int, end_step: int, rank: int = 0, world_size: int = 1, prefetch: int = 2
+        self,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        worker: str = "process",
     ) -> Iterator[tuple[int, Batch]]:
-        """Batches of steps [start_step, end_step), prepared `prefetch` steps ahead in a thread."""
+        """Batches of steps [start_step, end_step), prepared `prefetch` steps ahead by a worker.
+
+        `process` (where the platform can fork): a child process, so tokenizing and FIM never hold the GIL
+        the training loop needs to launch its work (a thread cost a 1.3B H100 step 3 %; see
+        benchmarks/NOTES.md). `thread`: a thread in this process.
+        """
+        if worker == "process" and "fork" in mp.get_all_start_methods():
+            yield from self._batches_forked(start_step, end_step, rank, world_size, prefetch)
+        else:
+            yield from self._batches_threaded(start_step, end_step, rank, world_size, prefetch)
+
+    def _batches_forked(
+        self, start_step: int, end_step: int, rank: int, world_size: int, prefetch: int
+    ) -> Iterator[tuple[int, Batch]]:
+        ctx = mp.get_context("fork")  # the child shares this stage's memory-mapped shards and tokenizer
+        q = ctx.Queue(maxsize=prefetch)
+        # The child must not inherit `tokenizers`' thread pool state noisily: it only encodes FIM pieces.
+        configured = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        child = ctx.Process(
+            target=_produce,
+            args=(self, start_step, end_step, rank, world_size, q, os.getpid()),
+            daemon=True,
+            name="crystal-data",
+        )
+        child.start()
+        if configured is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = configured
+        try:
+            for _ in range(start_step, end_step):
+                while True:
+                    try:
+                        item = q.get(timeout=5.0)
+                        break
+                    except queue.Empty:
+                        if not child.is_alive():
+                            raise RuntimeError(
+                                f"the data loader process stopped (exit code {child.exitcode}) without an error "
+                                "message; it may have run out of memory"
+                            ) from None
+                if isinstance(item, str):
+                    raise RuntimeError(f"the data loader process failed:\n{item}")
+                step, arrays = item
+                yield step, _to_batch(arrays)
+        finally:
+            child.terminate()
+            child.join(timeout=5)
+            q.close()
+
+    def _batches_threaded(
+        self, start_step: int, end_step: int, rank: int, world_size: int, prefetch: int
+    ) -> Iterator[tuple[int, Batch]]:
         q: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
 
@@ -104,3 +171,37 @@ class StageData:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def _to_batch(arrays: tuple) -> Batch:
+    input_ids, labels, loss_mask, sources, fim_segments = arrays
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        sources=sources,
+        fim_segments=fim_segments,
+    )
+
+
+def _produce(
+    stage: StageData, start_step: int, end_step: int, rank: int, world_size: int, q: Any, parent: int
+) -> None:
+    """The loader process: batches as NumPy arrays into `q`, or the traceback of what went wrong."""
+    try:
+        for step in range(start_step, end_step):
+            if not _put(q, (step, stage.batch_arrays(step, rank, world_size)), parent):
+                return
+    except BaseException:
+        _put(q, traceback.format_exc(), parent)
+
+
+def _put(q: Any, item: object, parent: int) -> bool:
+    """Put `item`, waiting for room; False when the trainer process is gone (do not linger as an orphan)."""
+    while True:
+        try:
+            q.put(item, timeout=1.0)
+            return True
+        except queue.Full:
+            if os.getppid() != parent:
+                return False

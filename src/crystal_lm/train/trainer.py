@@ -395,7 +395,8 @@ def train(
             stage_data = StageData(recipe, data, si)
             wall0, t0 = state.stage_wall_s.get(stage.name, 0.0), time.time()
             t_ready = time.time()
-            for step, batch in stage_data.batches(state.step, steps, world.rank, world.world_size):
+            batches = stage_data.batches(state.step, steps, world.rank, world.world_size, worker=t.loader)
+            for step, batch in batches:
                 t_batch = time.time()
                 lrs = set_lr(optimizer, schedules[si].lr(step))
                 optimizer.zero_grad(set_to_none=True)
