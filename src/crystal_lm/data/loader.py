@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import traceback
 from collections.abc import Iterator
@@ -188,6 +189,8 @@ def _produce(
     stage: StageData, start_step: int, end_step: int, rank: int, world_size: int, q: Any, parent: int
 ) -> None:
     """The loader process: batches as NumPy arrays into `q`, or the traceback of what went wrong."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever handler the trainer had, terminate() ends us
     try:
         for step in range(start_step, end_step):
             if not _put(q, (step, stage.batch_arrays(step, rank, world_size)), parent):
