@@ -7,6 +7,7 @@ A background process (or thread) prepares the next batches while the model train
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -94,8 +95,8 @@ class StageData:
         """Batches of steps [start_step, end_step), prepared `prefetch` steps ahead by a worker.
 
         `process` (where the platform can fork): a child process, so tokenizing and FIM never hold the GIL
-        the training loop needs to launch its work (a thread cost a 1.3B H100 step 3 %; see
-        benchmarks/NOTES.md). `thread`: a thread in this process.
+        the training loop needs to launch its work (a thread cost a stand-in 1.3B H100 step 2-6 %; see
+        benchmarks/NOTES.md); the arrays come back through shared memory. `thread`: a thread here.
         """
         if worker == "process" and "fork" in mp.get_all_start_methods():
             yield from self._batches_forked(start_step, end_step, rank, world_size, prefetch)
@@ -106,13 +107,16 @@ class StageData:
         self, start_step: int, end_step: int, rank: int, world_size: int, prefetch: int
     ) -> Iterator[tuple[int, Batch]]:
         ctx = mp.get_context("fork")  # the child shares this stage's memory-mapped shards and tokenizer
-        q = ctx.Queue(maxsize=prefetch)
+        slots = _Slots(prefetch, self.recipe.train.batch_size // world_size, self.recipe.data.seq_len)
+        free, ready = ctx.Queue(), ctx.Queue()
+        for k in range(prefetch):
+            free.put(k)
         # The child must not inherit `tokenizers`' thread pool state noisily: it only encodes FIM pieces.
         configured = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         child = ctx.Process(
             target=_produce,
-            args=(self, start_step, end_step, rank, world_size, q, os.getpid()),
+            args=(self, start_step, end_step, rank, world_size, slots, free, ready, os.getpid()),
             daemon=True,
             name="crystal-data",
         )
@@ -125,7 +129,7 @@ class StageData:
             for _ in range(start_step, end_step):
                 while True:
                     try:
-                        item = q.get(timeout=5.0)
+                        item = ready.get(timeout=5.0)
                         break
                     except queue.Empty:
                         if not child.is_alive():
@@ -135,12 +139,15 @@ class StageData:
                             ) from None
                 if isinstance(item, str):
                     raise RuntimeError(f"the data loader process failed:\n{item}")
-                step, arrays = item
+                step, slot, rest = item
+                arrays = tuple(a.copy() for a in slots.views(slot)) + rest  # the slot is refilled next
+                free.put(slot)
                 yield step, _to_batch(arrays)
         finally:
             child.terminate()
             child.join(timeout=5)
-            q.close()
+            free.close()
+            ready.close()
 
     def _batches_threaded(
         self, start_step: int, end_step: int, rank: int, world_size: int, prefetch: int
@@ -185,26 +192,62 @@ def _to_batch(arrays: tuple) -> Batch:
     )
 
 
+class _Slots:
+    """`n` buffers of anonymous shared memory, made before the fork so parent and child map the same pages,
+    each holding one batch's arrays: only a slot number and the sources cross the pipe (pickling the
+    arrays cost the training loop 1.2 ms a step on a 1.3B batch)."""
+
+    def __init__(self, n: int, rows: int, seq_len: int) -> None:
+        self.layout = (
+            ((rows, seq_len), np.int64),
+            ((rows, seq_len), np.int64),
+            ((rows, seq_len), np.float32),
+        )
+        nbytes = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in self.layout)
+        self.buffers = [mmap.mmap(-1, nbytes) for _ in range(n)]  # MAP_SHARED | MAP_ANONYMOUS
+
+    def views(self, k: int) -> tuple[np.ndarray, ...]:
+        out, offset = [], 0
+        for shape, dtype in self.layout:
+            count = int(np.prod(shape))
+            out.append(np.frombuffer(self.buffers[k], dtype=dtype, count=count, offset=offset).reshape(shape))
+            offset += count * np.dtype(dtype).itemsize
+        return tuple(out)
+
+
 def _produce(
-    stage: StageData, start_step: int, end_step: int, rank: int, world_size: int, q: Any, parent: int
+    stage: StageData,
+    start_step: int,
+    end_step: int,
+    rank: int,
+    world_size: int,
+    slots: _Slots,
+    free: Any,
+    ready: Any,
+    parent: int,
 ) -> None:
-    """The loader process: batches as NumPy arrays into `q`, or the traceback of what went wrong."""
+    """The loader process: each batch's arrays into a free slot, then (step, slot, sources and FIM count)
+    into `ready`; or the traceback of what went wrong."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever handler the trainer had, terminate() ends us
     try:
         for step in range(start_step, end_step):
-            if not _put(q, (step, stage.batch_arrays(step, rank, world_size)), parent):
+            ids, labels, mask, sources, fim_segments = stage.batch_arrays(step, rank, world_size)
+            slot = _get(free, parent)
+            if slot is None:
                 return
+            for view, array in zip(slots.views(slot), (ids, labels, mask), strict=True):
+                view[...] = array  # a shape that does not fit raises, and the trainer sees why
+            ready.put((step, slot, (sources, fim_segments)))
     except BaseException:
-        _put(q, traceback.format_exc(), parent)
+        ready.put(traceback.format_exc())
 
 
-def _put(q: Any, item: object, parent: int) -> bool:
-    """Put `item`, waiting for room; False when the trainer process is gone (do not linger as an orphan)."""
+def _get(q: Any, parent: int) -> Any:
+    """The next item of `q`; None when the trainer process is gone (do not linger as an orphan)."""
     while True:
         try:
-            q.put(item, timeout=1.0)
-            return True
-        except queue.Full:
+            return q.get(timeout=1.0)
+        except queue.Empty:
             if os.getppid() != parent:
-                return False
+                return None
