@@ -9,7 +9,10 @@ Prints a table and writes benchmarks/results/train_throughput_<gpu name | cpu>.j
 (FLOPs per token 6·N + 12·L·H·Q·T over the device's bf16 peak), peak memory and the ratio to the peer.
 
     .venv/bin/python benchmarks/train_throughput.py --device cpu
-    python benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --compile
+    python benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --compile [--with-loader]
+
+`--with-loader` also times our step fed by the trainer's loader against the same batches made beforehand:
+the data time's share of a real step (benchmarks/NOTES.md, data pipeline).
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ def ours(shape: tuple, device: str, compile_: bool):
     groups = param_groups(model, 0.1, model.width_multiplier)
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-9, fused=device == "cuda")
 
-    def step(ids: torch.Tensor) -> float:
-        mask = torch.ones_like(ids[:, 1:], dtype=torch.float32)
+    def step(
+        ids: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> float:
+        if labels is None:  # random tokens of length seq + 1
+            ids, labels = ids[:, :-1], ids[:, 1:]
+        mask = torch.ones_like(labels, dtype=torch.float32) if mask is None else mask
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = train_model(ids[:, :-1], labels=ids[:, 1:], loss_mask=mask)
+            loss = train_model(ids, labels=labels, loss_mask=mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -124,6 +131,48 @@ def measure(step, shape: tuple, device: str, batch: int, warmup: int, steps: int
     return out
 
 
+def loader_overhead(step, shape: tuple, device: str, batch: int, steps: int, repeats: int) -> dict:
+    """Our step fed by the trainer's loader (`StageData.batches`, process and thread) against the same step
+    fed by the same batches made beforehand: what the loader costs the step, GIL contention included. Data:
+    stage 2 of recipes/tiny.yaml (FIM 0.9 on code) at the shape's sequence length, `batch` rows a step."""
+    import os
+
+    import yaml
+
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.data.loader import StageData
+    from crystal_lm.data.prepare import prepare_data
+
+    os.chdir(REPO)  # the recipe's cache_dir is relative to the repository
+    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = shape[5]
+    raw["train"]["batch_size"] = batch
+    recipe = recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
+    stage = StageData(recipe, prepare_data(recipe), 1)
+    made = [stage.batch(k) for k in range(steps)]
+
+    def run(source) -> float:
+        t0 = time.perf_counter()
+        for _, b in source:
+            loss = step(b.input_ids.to(device), b.labels.to(device), b.loss_mask.to(device))
+        float(loss)  # waits for the device
+        return (time.perf_counter() - t0) / steps
+
+    run(enumerate(made[:3]))  # warm-up (and compile) on real batches
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name in ("made beforehand", "process", "thread"):
+            src = enumerate(made) if name == "made beforehand" else stage.batches(0, steps, worker=name)
+            best[name] = min(best.get(name, float("inf")), run(src))
+    base = best["made beforehand"]
+    return {
+        "step_s": best,
+        "overhead_pct": {k: 100 * (v - base) / base for k, v in best.items() if k != "made beforehand"},
+        "steps": steps,
+        "batch": batch,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -134,6 +183,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both (default on cuda)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; best kept")
+    parser.add_argument(
+        "--with-loader",
+        action="store_true",
+        help="also time our step fed by the trainer's data loader against pre-made batches (needs the tiny "
+        "recipe's corpus and tokenizer under .cache/crystal-lm)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
@@ -186,6 +241,18 @@ def main() -> None:
             f"{r['tflops']:>8.3f} | {mfu:>6} | {mem}"
         )
     print(f"ratio crystal-lm / peer: {ratio:.2f}x")
+    loader = None
+    if args.with_loader:
+        loader = loader_overhead(
+            built["crystal-lm"][1], shape, args.device, batch, args.steps * 2, args.repeats
+        )
+        for name, s in loader["step_s"].items():
+            extra = (
+                f" ({loader['overhead_pct'][name]:+.2f}% vs made beforehand)"
+                if name in loader["overhead_pct"]
+                else ""
+            )
+            print(f"step fed by batches {name}: {1000 * s:.1f} ms{extra}")
     ours_r = results["crystal-lm"]
     body = {
         "device": device_name,
@@ -204,6 +271,7 @@ def main() -> None:
         "peer": results["peer"],
         "ratio_vs_peer": ratio,
         "results": results,
+        "loader": loader,
     }
     tag = "cpu" if not cuda else device_name.split()[-1].lower().replace("/", "-")
     out = REPO / "benchmarks" / "results" / f"train_throughput_{tag}.json"
