@@ -29,6 +29,48 @@ def test_normalisation_is_crystals_ftfy_with_nfc():
     assert normalize_text(mojibake, "none") == "cafÃ©\nna\u0308ive"
 
 
+def test_ftfy_on_changed_lines_only_equals_ftfy_on_everything(prepared):
+    """`ftfy_fix` skips the ASCII lines ftfy leaves alone; the result must be ftfy's, character for character,
+    on real documents and on lines built to hit each thing ftfy changes, in every order."""
+    import random
+
+    import ftfy
+
+    def reference(text: str) -> str:
+        return ftfy.fix_text(text, normalization="NFC")
+
+    _, data = prepared
+    for part in ("prose", "technical", "python", "web"):
+        with open(data.corpus.part_path(part)) as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                assert build_mod.ftfy_fix(text) == reference(text)
+    lines = [
+        "plain ascii code(x) + 1",
+        "a <b>tag</b> line",  # after a "<", ftfy stops decoding HTML entities for the rest of the text
+        "fish &amp; chips &lt;3",
+        "caf\u00c3\u00a9 mojibake",
+        "\u201ccurly\u201d \ufb01ne \uff21",
+        "bell\x07 and \x1b[31mred\x1b[0m",
+        "form\x0cfeed and tab\t",
+        "na\u0308ive",
+        "",
+        "\x0b vertical tab",
+        "emoji \U0001f600 &eacute;",
+    ]
+    rng = random.Random(0)
+    for _ in range(1500):
+        text = "\n".join(rng.choice(lines) for _ in range(rng.randint(1, 8)))
+        text += rng.choice(["", "\n", "\n\n"])
+        assert build_mod.ftfy_fix(text) == reference(text), repr(text)
+    assert build_mod.ftfy_fix("a <b>\nfish &amp; caf\u00c3\u00a9") == "a <b>\nfish &amp; café"
+    printable = [chr(i) for i in range(32, 127)] + ["\t", "\n", "\x0c"]
+    for _ in range(3000):
+        text = "".join(rng.choice(printable) for _ in range(rng.randint(0, 60)))
+        if "&" not in text:  # what `ftfy_fix` returns untouched must be what ftfy returns
+            assert reference(text) == text, repr(text)
+
+
 @pytest.fixture()
 def jsonl_source(prepared, tmp_path):
     """Real documents in three user JSONL files, with malformed and empty lines mixed in."""

@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 import unicodedata
@@ -62,12 +63,57 @@ def normalize_text(text: str, mode: str) -> str:
     """Crystal's `ftfy.fix_text` with NFC (`ftfy`), NFC only (`nfc`) or nothing; newlines made Unix."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if mode == "ftfy":
-        import ftfy
-
-        return ftfy.fix_text(text, normalization="NFC")
+        return ftfy_fix(text)
     if mode == "nfc":
         return unicodedata.normalize("NFC", text)
     return text
+
+
+# What ftfy 6 can change in ASCII text: HTML entities (`&`), control characters it removes (all but \t \n \f
+# \r) with terminal escapes (\x1b), carriage returns. Its other fixes act on non-ASCII characters only.
+_FTFY_ASCII_TARGETS = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f\r]")
+
+
+def ftfy_fix(text: str) -> str:
+    """`ftfy.fix_text(text, normalization="NFC")`, without running ftfy on the lines it leaves alone.
+
+    ftfy fixes a text line by line; the only state it carries from line to line is that HTML entities are
+    no longer decoded once a line has held a "<". ASCII lines with none of `_FTFY_ASCII_TARGETS` come out
+    unchanged (checked against ftfy in tests/data/test_build.py), so only the runs of other lines go to
+    ftfy, each with the state the whole text would have given it. Code and English prose are mostly
+    such lines: this makes Crystal's normalisation several times cheaper.
+    """
+    if text.isascii() and not _FTFY_ASCII_TARGETS.search(text):
+        return text
+    import ftfy
+
+    out: list[str] = []
+    run: list[str] = []  # consecutive lines ftfy must see
+    html = True  # ftfy's unescape_html="auto" until a line with "<"
+    run_html = True
+
+    def flush() -> None:
+        if run:
+            out.append(
+                ftfy.fix_text("".join(run), normalization="NFC", unescape_html="auto" if run_html else False)
+            )
+            run.clear()
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        segment = line + "\n" if i < len(lines) - 1 else line
+        if not segment:
+            continue
+        if segment.isascii() and not _FTFY_ASCII_TARGETS.search(segment):
+            flush()
+            out.append(segment)
+        else:
+            if not run:
+                run_html = html
+            run.append(segment)
+        html = html and "<" not in segment
+    flush()
+    return "".join(out)
 
 
 def split_for_tokenizing(text: str, chunk_chars: int | None) -> list[str]:
