@@ -50,3 +50,21 @@ def test_stopping_early_ends_the_loader_process(prepared):
     assert [p for p in mp.active_children() if p.name == "crystal-data"]
     batches.close()  # what leaving the training loop early does
     assert not [p for p in mp.active_children() if p.name == "crystal-data"]
+
+
+def test_a_loader_process_that_dies_is_reported(prepared, monkeypatch):
+    import os
+
+    recipe, data = prepared
+    stage = StageData(recipe, data, 0)
+
+    def killed(global_index: int):
+        if global_index >= recipe.train.batch_size:
+            os._exit(3)  # as the kernel's OOM killer would end it: no traceback, no message
+        return StageData.sample(stage, global_index)
+
+    monkeypatch.setattr(stage, "sample", killed)
+    batches = stage.batches(0, 5, worker="process")
+    with pytest.raises(RuntimeError, match=r"stopped \(exit code 3\) without an error message"):
+        for _ in range(5):  # step 0's batch may die with the process before it was sent
+            next(batches)

@@ -120,11 +120,13 @@ class StageData:
             daemon=True,
             name="crystal-data",
         )
-        child.start()
-        if configured is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = configured
+        try:
+            child.start()
+        finally:
+            if configured is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = configured
         try:
             for _ in range(start_step, end_step):
                 while True:
