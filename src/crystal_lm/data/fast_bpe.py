@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from itertools import chain
 
@@ -36,7 +37,7 @@ MAX_CACHED_WORD = 64  # longer words (base64, minified code) are rare and would 
 CACHE_ENTRIES = 1 << 16  # bounds memory (~10 MB); cleared when full, refilled by the frequent words at once
 
 
-class WordCacheEncoder:
+class WordCacheEncoder(ABC):
     """What both kinds share: the word cache, one call to the BPE model for a text's words not in it, and
     added tokens sent to the tokenizer whole. A subclass cuts a text into a plan: words, and the index of
     each piece the tokenizer must encode itself (in `slow`)."""
@@ -102,8 +103,10 @@ class WordCacheEncoder:
             else:
                 holes.append((ids, j, w))
 
+    @abstractmethod
     def _plan(self, text: str, slow: list[str]) -> list:
-        raise NotImplementedError
+        """The words of `text` in order; a piece only the tokenizer can encode is appended to `slow` and
+        stands in the plan as its index there."""
 
     def _encode_words(self, words: list[str]) -> dict[str, tuple[int, ...]]:
         inputs = [self._bpe_input(w) for w in words]
@@ -139,9 +142,19 @@ def _separator(model: dict) -> tuple[str | None, int | None]:
     ):
         return None, None
     vocab = model["vocab"]
-    in_longer = {c for t in vocab if len(t) > 1 for c in t}
+    in_longer = _chars_in_longer_tokens(vocab)
     lone = sorted(t for t in vocab if len(t) == 1 and t not in in_longer)
     return (lone[0], vocab[lone[0]]) if lone else (None, None)
+
+
+def _chars_in_longer_tokens(vocab: dict) -> set[str]:
+    return {c for t in vocab if len(t) > 1 for c in t}
+
+
+def _every_byte_encodable(model: dict) -> bool:
+    """Byte fallback with all 256 byte tokens: no character is ever unknown."""
+    vocab = model.get("vocab", {})
+    return bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
 
 
 def _split(tokens: list, separator_id: int) -> list[tuple[int, ...]]:
@@ -238,13 +251,13 @@ class MetaspaceEncoder(WordCacheEncoder):
         vocab = model["vocab"]
         # Cut only where merges act on characters: an unknown character next to another becomes one <unk>
         # with fuse_unk, and a merge of byte-fallback tokens joins characters no vocabulary string shows.
-        all_bytes = model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256))
+        all_bytes = _every_byte_encodable(model)
         merges = [m if isinstance(m, list) else m.split(" ", 1) for m in model.get("merges", [])]
         byte_merges = any(BYTE_TOKEN.fullmatch(a) or BYTE_TOKEN.fullmatch(b) for a, b in merges)
         if (model.get("fuse_unk") and not all_bytes) or byte_merges:
             self.words = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
         else:
-            in_longer = {c for t in vocab if len(t) > 1 for c in t} - {SPACE}
+            in_longer = _chars_in_longer_tokens(vocab) - {SPACE}
             joined = "".join(map(re.escape, sorted(in_longer)))
             self.words = re.compile(f"{SPACE}*[{joined}]+|{SPACE}+|[^{joined}{SPACE}]")
 
@@ -292,9 +305,7 @@ class MetaspaceEncoder(WordCacheEncoder):
         and the "▁" after it, say) become adjacent and may merge: no cut is safe then. Byte fallback with
         all 256 byte tokens encodes every character."""
         model = spec["model"]
-        vocab = model.get("vocab", {})
-        all_bytes = model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256))
-        return bool(all_bytes) or model.get("unk_token") is not None
+        return _every_byte_encodable(model) or model.get("unk_token") is not None
 
     def _plan(self, text: str, slow: list[str]) -> list:
         if not text:
