@@ -325,19 +325,18 @@ def h100_step_check(steps: int, mfu: float = 0.6, host_share: float = 0.1) -> di
     """The prefetching loader (`StageData.batches`, as the trainer uses it) against a stand-in for the 1.3B
     training step on one H100: 8 × 2048 tokens per step at `mfu` of 989 TFLOP/s. Of that, `host_share` is
     pure-Python work holding the GIL (launches, optimizer bookkeeping), and the rest is slept (the GPU
-    computing; the GIL is free). The baseline is the same loop over batches made beforehand, run before and
-    after the loaders. The loader's cost is the time the loop waits for a
-    batch plus how much longer the host work takes while the loader thread competes for the GIL. Stage 2 of
-    recipes/tiny.yaml at seq_len 2048 (FIM 0.9 on 63 % code): the heaviest stage for the loader."""
-    import yaml
+    computing; the GIL is free). The loader's cost is the time the loop waits for a batch plus how much
+    longer the host work takes beside the loader, against the same loop over batches made beforehand (run
+    before and after the loaders). Data: `common.tiny_stage` at seq_len 2048."""
+    from common import SHAPES, tiny_stage
 
-    from crystal_lm.config import recipe_from_dict
-    from crystal_lm.data.loader import StageData
-    from crystal_lm.data.prepare import prepare_data
+    from crystal_lm.config import ModelConfig, MupConfig
+    from crystal_lm.model import build_model
     from crystal_lm.train.parallel import flops_per_token
 
-    d, L, H, ff, V, T = 2048, 24, 16, 5461, 32032, 2048  # the 1.3B shape of train_throughput.py
-    n_params = V * d + L * (4 * d * d + 4 * d + 3 * d * ff + 2 * ff + d + 4 * d) + 2 * d
+    d, L, H, ff, V, T = SHAPES["1.3b"]
+    shape = ModelConfig(vocab_size=V, d_model=d, n_layers=L, n_heads=H, d_ff=ff, max_seq_len=T)
+    n_params = sum(p.numel() for p in build_model(shape, MupConfig(), device="meta").parameters())
     step_tokens = 8 * T
     step_s = step_tokens * flops_per_token(n_params, L, H, d // H, T) / (mfu * 989e12)
     host_s = host_share * step_s
@@ -346,13 +345,7 @@ def h100_step_check(steps: int, mfu: float = 0.6, host_share: float = 0.1) -> di
         host_work(n)
     n = int(n * host_s / c.wall)
 
-    os.chdir(REPO)  # the recipe's cache_dir is relative to the repository
-    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
-    raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = T
-    raw["train"]["batch_size"] = 8
-    recipe = recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
-    data = prepare_data(recipe)
-    stage = StageData(recipe, data, 1)
+    stage = tiny_stage(T, 8)
     out: dict = {
         "step_tokens": step_tokens,
         "stand_in_step_ms": 1000 * step_s,

@@ -24,13 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import SHAPES, tiny_stage  # benchmarks/common.py: run as a script, benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {
-    # name: (d_model, n_layers, n_heads, d_ff, vocab, seq_len)
-    "demo": (128, 4, 4, 341, 4096, 256),
-    "1.3b": (2048, 24, 16, 5461, 32032, 2048),
-}
 
 
 def ours(shape: tuple, device: str, compile_: bool):
@@ -135,28 +131,20 @@ def loader_overhead(step, shape: tuple, device: str, batch: int, steps: int, rep
     """Our step fed by the trainer's loader (`StageData.batches`, process and thread) against the same step
     fed by the same batches made beforehand: what the loader costs the step, GIL contention included. Data:
     stage 2 of recipes/tiny.yaml (FIM 0.9 on code) at the shape's sequence length, `batch` rows a step."""
-    import os
-
-    import yaml
-
-    from crystal_lm.config import recipe_from_dict
-    from crystal_lm.data.loader import StageData
-    from crystal_lm.data.prepare import prepare_data
-
-    os.chdir(REPO)  # the recipe's cache_dir is relative to the repository
-    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
-    raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = shape[5]
-    raw["train"]["batch_size"] = batch
-    recipe = recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
-    stage = StageData(recipe, prepare_data(recipe), 1)
+    stage = tiny_stage(shape[5], batch)
     made = [stage.batch(k) for k in range(steps)]
 
     def run(source) -> float:
+        """Seconds per step after the first batch (the pipeline fills once per stage, as in training)."""
+        source = iter(source)
+        _, b = next(source)
+        loss = step(b.input_ids.to(device), b.labels.to(device), b.loss_mask.to(device))
+        float(loss)
         t0 = time.perf_counter()
         for _, b in source:
             loss = step(b.input_ids.to(device), b.labels.to(device), b.loss_mask.to(device))
         float(loss)  # waits for the device
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / (steps - 1)
 
     run(enumerate(made[:3]))  # warm-up (and compile) on real batches
     best: dict[str, float] = {}
