@@ -48,7 +48,10 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
+        # One addmm, as GPT-2's Conv1D: under bf16 autocast the bias is cast too and the output stays bf16
+        # (`x @ w + b` would promote every projection's output, and what backward saves, to fp32).
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def rotary_tables(

@@ -1,14 +1,17 @@
 """`crystal plan`: memory per GPU and step time of a recipe for each parallel layout, before renting GPUs.
 
-Memory per GPU = model states + activations + a fixed overhead:
-- model states: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes per parameter, whole on
-  every GPU under DDP, divided by the number of GPUs under FSDP2 (plus the bf16 copy of the largest
-  unsharded block while it computes);
-- activations, bf16 autocast with an fp32 residual stream and SDPA (no T² scores), per layer and token:
-  residual and LayerNorm inputs/outputs (2 × (4 + 2) · d), q, k, v and the attention output (4 · 2 · d), the
-  SwiGLU up, gate, SiLU and product (4 · 2 · d_ff); with activation checkpointing only each block's fp32 input
-  is kept, and one block's activations are rebuilt at a time;
-- the loss: one 1024-row chunk of fp32 logits and its gradient (the fused loss never holds B·T·V logits);
+Memory per GPU at its peak, the start of backward, or the optimizer step if that is higher:
+- model states: fp32 weights and AdamW's two fp32 moments (12 bytes per parameter) all the time, and fp32
+  gradients (4) from backward to the optimizer step (all the time under DDP, whose all-reduce buckets hold
+  them); whole on every GPU under DDP, divided by the number of GPUs under FSDP2, plus the bf16 copy of the
+  largest unsharded block while it computes and the next one prefetched;
+- under bf16 autocast without sharding, the bf16 copies of the weights (2 bytes per parameter), which
+  autograd keeps from forward to backward;
+- activations: what autograd keeps per layer and token under bf16 autocast, measured on a block
+  (`activation_bytes_per_token`; tests/train/test_plan.py checks both formulas against the saved tensors);
+  with activation checkpointing only each block's fp32 input is kept, and one block is rebuilt at a time;
+- the loss: one 1024-row chunk of fp32 logits and its gradient (the fused loss never holds B·T·V logits),
+  and the head's fp32 gradient, which it forms during forward;
 - 2 GiB for the CUDA context, allocator slack and communication buffers.
 Step time = FLOPs per step / (GPUs × peak × assumed MFU), recomputation adding one forward pass (+1/3).
 """
@@ -36,11 +39,24 @@ class Layout:
     fits: bool
 
 
-def activation_bytes_per_token(d: int, d_ff: int, n_layers: int, checkpointing: bool) -> float:
-    per_layer = 2 * (4 + 2) * d + 4 * 2 * d + 4 * 2 * d_ff
+def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False) -> int:
+    """Bytes one block keeps for backward per token under bf16 autocast. Eager: both LayerNorm inputs in
+    fp32 (2 · 4d) and the bf16 casts of their outputs (2 · 2d); the fused q|k|v output, kept whole because v
+    is a view of it (6d); rotated q and k (4d); the attention output and its [B, T, C] copy for the
+    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 26d + 8 d_ff. `torch.compile` per
+    block recomputes some element-wise work in backward instead: 24d + 6 d_ff, as measured on inductor's
+    partition of our block (PyTorch 2.13, CPU)."""
+    return 24 * d + 6 * d_ff if compiled else 26 * d + 8 * d_ff
+
+
+def activation_bytes_per_token(
+    d: int, d_ff: int, n_layers: int, checkpointing: bool, compiled: bool = False
+) -> int:
+    per_layer = layer_activation_bytes(d, d_ff, compiled)
+    tail = 8 * d  # the final LayerNorm's fp32 input and the loss's fp32 gradient for the hidden states
     if checkpointing:
-        return n_layers * 4 * d + per_layer  # block inputs, plus one block rebuilt at a time
-    return n_layers * per_layer
+        return n_layers * 4 * d + per_layer + tail  # block inputs, plus one block rebuilt at a time
+    return n_layers * per_layer + tail
 
 
 def plan(
@@ -59,18 +75,27 @@ def plan(
     B = recipe.train.batch_size
     micro = micro_batch or recipe.train.micro_batch_size or max(1, B // gpus)
     tokens_micro = micro * T
-    loss_bytes = 2 * 1024 * m.vocab_size * 4
+    # a chunk of fp32 logits and its softmax gradient; the head's fp32 gradient, formed during forward
+    loss_bytes = 2 * 1024 * m.vocab_size * 4 + 4 * m.vocab_size * m.d_model
     flops_step = flops_per_token(n_params, m.n_layers, m.n_heads, m.head_dim, T) * B * T
+    bf16 = recipe.train.precision == "bf16"
     out = []
     for sharded in (False, True):
         for ckpt in (False, True):
-            states = 16 * n_params / (gpus if sharded else 1)
-            if sharded:
-                states += (
-                    2 * 2 * block_params
-                )  # bf16 gather of the block computing (and the next, prefetched)
-            acts = activation_bytes_per_token(m.d_model, m.ffn_dim, m.n_layers, ckpt) * tokens_micro
-            total = states + acts + loss_bytes + OVERHEAD_BYTES
+            shards = gpus if sharded else 1
+            states = 16 * n_params / shards
+            held = 12 * n_params / shards  # weights and Adam moments
+            grads = 4 * n_params / shards  # from backward to the optimizer step
+            if not sharded and gpus > 1:  # DDP's all-reduce buckets hold the gradients all the time
+                held, grads = held + grads, 0
+            if sharded:  # bf16 gather of the block computing (and the next, prefetched)
+                held += 2 * 2 * block_params
+            weight_copies = 2 * n_params if bf16 and not sharded else 0  # autocast's, kept for backward
+            acts = (
+                activation_bytes_per_token(m.d_model, m.ffn_dim, m.n_layers, ckpt, recipe.train.compile)
+                * tokens_micro
+            )
+            total = held + max(acts + weight_copies, grads) + loss_bytes + OVERHEAD_BYTES
             step = flops_step * (4 / 3 if ckpt else 1) / (gpus * peak_tflops * 1e12 * mfu)
             out.append(
                 Layout(
