@@ -98,7 +98,8 @@ def parallelize(model: CrystalModel, cfg: TrainConfig, world: World) -> nn.Modul
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [world.local_rank] if world.device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _options(world: World):
