@@ -9,6 +9,8 @@ left-padded batched generation is correct.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
@@ -17,6 +19,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from crystal_lm.interop.llm360 import from_hf_config
 from crystal_lm.model.crystal import CrystalModel
+
+# Newer transformers name the output's cache `cache`, older 5.x (5.17, say) `past_key_values`.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class CrystalCoderConfig(PreTrainedConfig):
@@ -135,7 +140,8 @@ class CrystalCoderLMHeadModel(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        out = {CACHE_FIELD: cache if use_cache else None}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **out)
 
 
 def register() -> None:
