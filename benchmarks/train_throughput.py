@@ -57,6 +57,7 @@ def ours(shape: tuple, device: str, compile_: bool):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.resident_bytes = lambda: resident_bytes(model, opt)
     return model, step
 
 
@@ -104,7 +105,15 @@ def peer(shape: tuple, device: str, compile_: bool):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.resident_bytes = lambda: resident_bytes(model, opt)
     return model, step, name
+
+
+def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes a model keeps between steps: weights, gradients still held, and the optimizer's state."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def measure(step, shape: tuple, device: str, batch: int, warmup: int, steps: int) -> dict:
@@ -116,6 +125,8 @@ def measure(step, shape: tuple, device: str, batch: int, warmup: int, steps: int
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        # Both models live on the GPU: the other's resident memory is not this one's peak.
+        others = torch.cuda.memory_allocated() - step.resident_bytes()
     t0 = time.perf_counter()
     for i in range(steps):
         loss = step(batches[i % 4])
@@ -123,8 +134,45 @@ def measure(step, shape: tuple, device: str, batch: int, warmup: int, steps: int
     seconds = time.perf_counter() - t0
     out = {"tokens_per_s": batch * seq * steps / seconds, "step_s": seconds / steps}
     if device == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - others) / 2**30
     return out
+
+
+def plan_check(shape: tuple, batch: int, compiled: bool, measured: dict) -> dict:
+    """`crystal plan`'s estimate for this run (one GPU, DDP layout, no activation checkpointing) against the
+    memory measured: its model states + activations + loss chunk against our peak allocated bytes, and its
+    total (with the fixed 2 GiB for context and slack) against that peak plus the CUDA context and the
+    allocator's reserve, which is what `nvidia-smi` shows."""
+    import yaml
+
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.train.plan import GIB, OVERHEAD_BYTES, plan
+
+    d, layers, heads, ff, vocab, seq = shape
+    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    raw["model"] = {
+        "vocab_size": vocab,
+        "d_model": d,
+        "n_layers": layers,
+        "n_heads": heads,
+        "d_ff": ff,
+        "max_seq_len": seq,
+    }
+    raw["data"]["seq_len"] = seq
+    raw["train"] |= {"batch_size": batch, "precision": "bf16", "compile": compiled}
+    recipe = recipe_from_dict(raw, "benchmarks/train_throughput.py")
+    layout = next(lay for lay in plan(recipe, gpus=1, gpu_memory_gib=80) if lay.name == "DDP")
+    planned_total, planned_body = layout.memory_gib, layout.memory_gib - OVERHEAD_BYTES / GIB
+    peak, seen = measured["peak_mem_gib"], measured["device_used_gib"]
+    return {
+        "layout": layout.name,
+        "planned_gib": planned_total,
+        "planned_without_overhead_gib": planned_body,
+        "measured_peak_allocated_gib": peak,
+        "measured_device_gib": seen,
+        "error_pct_allocated": 100 * (planned_body - peak) / peak,
+        "error_pct_device": 100 * (planned_total - seen) / seen,
+    }
 
 
 def loader_overhead(step, shape: tuple, device: str, batch: int, steps: int, repeats: int) -> dict:
@@ -189,11 +237,18 @@ def main() -> None:
     from crystal_lm.train.parallel import flops_per_token, peak_tflops
 
     built = {}
+    alone = None  # our memory before the peer shares the GPU: what `crystal plan` estimates
     for label in ("crystal-lm", "peer"):
         torch.manual_seed(0)
         if label == "crystal-lm":
             model, step = ours(shape, args.device, compile_)
             name = "crystal-lm CrystalModel"
+            if cuda:
+                alone = measure(step, shape, args.device, batch, args.warmup, 2)
+                free, total = torch.cuda.mem_get_info()
+                # what nvidia-smi shows: the CUDA context and kernels, plus the allocator's peak reserve
+                outside_allocator = total - free - torch.cuda.memory_reserved()
+                alone["device_used_gib"] = (outside_allocator + torch.cuda.max_memory_reserved()) / 2**30
         else:
             model, step, name = peer(shape, args.device, compile_)
         built[label] = (model, step, name)
@@ -229,18 +284,6 @@ def main() -> None:
             f"{r['tflops']:>8.3f} | {mfu:>6} | {mem}"
         )
     print(f"ratio crystal-lm / peer: {ratio:.2f}x")
-    loader = None
-    if args.with_loader:
-        loader = loader_overhead(
-            built["crystal-lm"][1], shape, args.device, batch, args.steps * 2, args.repeats
-        )
-        for name, s in loader["step_s"].items():
-            extra = (
-                f" ({loader['overhead_pct'][name]:+.2f}% vs made beforehand)"
-                if name in loader["overhead_pct"]
-                else ""
-            )
-            print(f"step fed by batches {name}: {1000 * s:.1f} ms{extra}")
     ours_r = results["crystal-lm"]
     body = {
         "device": device_name,
@@ -259,11 +302,33 @@ def main() -> None:
         "peer": results["peer"],
         "ratio_vs_peer": ratio,
         "results": results,
-        "loader": loader,
+        "plan": None,
+        "loader": None,
     }
     tag = "cpu" if not cuda else device_name.split()[-1].lower().replace("/", "-")
     out = REPO / "benchmarks" / "results" / f"train_throughput_{tag}.json"
-    out.write_text(json.dumps(body, indent=1) + "\n")
+    out.write_text(json.dumps(body, indent=1) + "\n")  # the throughput figures are kept if what follows fails
+    if alone:
+        body["plan"] = plan = plan_check(shape, batch, compile_, alone)
+        print(
+            f"crystal plan ({plan['layout']}): {plan['planned_gib']:.1f} GiB against "
+            f"{plan['measured_device_gib']:.1f} GiB on the device ({plan['error_pct_device']:+.1f}%); without "
+            f"its 2 GiB overhead {plan['planned_without_overhead_gib']:.1f} against "
+            f"{plan['measured_peak_allocated_gib']:.1f} GiB allocated ({plan['error_pct_allocated']:+.1f}%)"
+        )
+        out.write_text(json.dumps(body, indent=1) + "\n")
+    if args.with_loader:
+        body["loader"] = loader = loader_overhead(
+            built["crystal-lm"][1], shape, args.device, batch, args.steps * 2, args.repeats
+        )
+        for name, s in loader["step_s"].items():
+            extra = (
+                f" ({loader['overhead_pct'][name]:+.2f}% vs made beforehand)"
+                if name in loader["overhead_pct"]
+                else ""
+            )
+            print(f"step fed by batches {name}: {1000 * s:.1f} ms{extra}")
+        out.write_text(json.dumps(body, indent=1) + "\n")
     print(f"written {out}")
 
 
