@@ -158,3 +158,44 @@ def test_left_padded_batch_equals_each_prompt_alone():
     together = generate_batch(model, prompts, greedy, stop_ids=set(), pad_id=0)
     alone = [generate_batch(model, [p], greedy, stop_ids=set())[0] for p in prompts]
     assert together == alone and all(len(r) == 6 for r in together)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_runs_bf16_gemms():
+    """Under bf16 autocast every product of the fused loss is a bf16 GEMM, as a plain linear head's would be
+    (an fp32 head-gradient GEMM is ~8x slower on a GPU), and the gradients still match the dense loss."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GemmDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (
+                torch.ops.aten.mm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.addmm_,
+                torch.ops.aten.bmm,
+            ):
+                self.seen.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 64, 32, requires_grad=True)
+    w = torch.randn(300, 32, requires_grad=True)
+    y = torch.randint(0, 300, (4, 64))
+    m = torch.ones(4, 64)
+    gemms = GemmDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), gemms:
+        ours = linear_cross_entropy(h, w, y, m, scale=0.5, chunk=64)
+    assert len(gemms.seen) == 3 * 4 and set(gemms.seen) == {
+        torch.bfloat16
+    }  # logits, grad_h, grad_w per chunk
+    g_ours = torch.autograd.grad(ours, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (h @ w.T).float() * 0.5
+    dense = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), y.reshape(-1))
+    g_dense = torch.autograd.grad(dense, (h, w))
+    assert torch.allclose(ours, dense, rtol=1e-3)
+    for a, b in zip(g_ours, g_dense, strict=True):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())

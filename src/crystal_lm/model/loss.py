@@ -42,7 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_((m * (scale / denom))[:, None])
                 probs = probs.to(weight.dtype)
                 grad_h[start : start + chunk] = probs @ weight
-                grad_w.addmm_(probs.t().to(acc), h.to(acc))
+                # Under bf16 autocast the product is a bf16 GEMM, as any linear layer's weight gradient; it
+                # is summed over chunks in fp32. (An in-place addmm_ would skip autocast: an fp32 GEMM.)
+                grad_w += probs.t() @ h
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / denom
