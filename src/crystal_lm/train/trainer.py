@@ -64,7 +64,8 @@ class RunDirError(RuntimeError):
 def make_optimizer(model: CrystalModel, recipe: Recipe) -> torch.optim.AdamW:
     o = recipe.optimizer
     groups = param_groups(model, o.weight_decay, model.width_multiplier)
-    return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, eps=o.eps, foreach=True)
+    # One fused kernel for all parameters (sharded DTensors included) on CPU and GPU alike.
+    return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, eps=o.eps, fused=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> dict[str, float]:
