@@ -38,10 +38,12 @@ OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 touch "$OUT/.start"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=src:/tmp/site || echo "the wheels in .whl/ did not install: parts needing them will fail" >&2
-fi
+for wheel in .whl/*.whl; do  # one at a time: a wheel for another Python is reported, not fatal to the rest
+  [[ -e "$wheel" ]] || continue
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+    || echo "$wheel did not install (made for another Python? run --prepare with WHEEL_PYTHON)" >&2
+  export PYTHONPATH=src:/tmp/site
+done
 
 part() {  # part NAME SECONDS COMMAND...: runs one part with its limit, logging to $OUT/NAME.log
   local name=$1 limit=$2
