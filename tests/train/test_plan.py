@@ -66,4 +66,4 @@ def test_activation_estimate_matches_what_a_bf16_block_saves(d_model, d_ff, comp
         block.forward = torch.compile(block.forward, dynamic=False)
     measured = saved_bytes_per_token(block, d_model, cfg.rotary_dim, 128)
     planned = layer_activation_bytes(d_model, d_ff, compiled)
-    assert planned * 0.95 < measured < planned * 1.05, (measured, planned)
+    assert planned * 0.97 < measured < planned * 1.03, (measured, planned)

@@ -42,11 +42,12 @@ class Layout:
 def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False) -> int:
     """Bytes one block keeps for backward per token under bf16 autocast. Eager: both LayerNorm inputs in
     fp32 (2 · 4d) and the bf16 casts of their outputs (2 · 2d); the fused q|k|v output, kept whole because v
-    is a view of it (6d); rotated q and k (4d); the attention output and its [B, T, C] copy for the
-    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 26d + 8 d_ff. `torch.compile` per
-    block recomputes some element-wise work in backward instead: 24d + 6 d_ff, as measured on inductor's
-    partition of our block (PyTorch 2.13, CPU)."""
-    return 24 * d + 6 * d_ff if compiled else 26 * d + 8 * d_ff
+    is a view of it (6d); the fp32 rotary pieces of q and k (2d: the first quarter of each head, two fp32
+    tensors each) and the rotated q and k (4d); the attention output and its [B, T, C] copy for the
+    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 28d + 8 d_ff. `torch.compile`
+    per block recomputes some element-wise work in backward instead: 24d + 6 d_ff, as measured on
+    inductor's partition of our block (PyTorch 2.13, CPU)."""
+    return 24 * d + 6 * d_ff if compiled else 28 * d + 8 * d_ff
 
 
 def activation_bytes_per_token(
