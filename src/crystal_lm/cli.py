@@ -291,7 +291,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"{recipe.name}: {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, micro-batch {micro} × "
         f"{recipe.data.seq_len} per GPU, global batch {recipe.train.batch_size}; step time at {args.mfu:.0%} "
-        f"MFU of {args.peak_tflops:g} TFLOP/s"
+        f"MFU of {args.peak_tflops:g} TFLOP/s; activations {recipe.train.precision}, "
+        f"{'compiled per block' if recipe.train.compile else 'eager'} (train.precision, train.compile)"
     )
     print(f"{'layout':<38} {'GiB/GPU':>8} {'states':>8} {'activ.':>8} {'step s':>8} {'tok/s/GPU':>10}  fits")
     for lay in layouts:

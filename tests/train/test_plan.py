@@ -27,9 +27,11 @@ def test_crystal_7b_needs_sharding_on_80gb_gpus():
     assert wider["FSDP2"].tokens_per_s_per_gpu == pytest.approx(fsdp.tokens_per_s_per_gpu)
 
 
-def saved_bytes_per_token(block: torch.nn.Module, d_model: int, rotary_dim: int, seq_len: int) -> float:
-    """What one block's forward under bf16 autocast keeps for backward, per token: the bytes saved at batch 4
-    minus those at batch 2, so the bf16 weight copies (per step, not per token) cancel."""
+def saved_bytes_per_token(
+    block: torch.nn.Module, d_model: int, rotary_dim: int, seq_len: int, bf16: bool = True
+) -> float:
+    """What one block's forward (under bf16 autocast, or in fp32) keeps for backward, per token: the bytes
+    saved at batch 4 minus those at batch 2, so the bf16 weight copies (per step, not per token) cancel."""
     cos, sin = rotary_tables(rotary_dim, torch.arange(seq_len), 10000.0)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
     totals = []
@@ -45,7 +47,7 @@ def saved_bytes_per_token(block: torch.nn.Module, d_model: int, rotary_dim: int,
         x = torch.randn(batch, seq_len, d_model, requires_grad=True)  # the fp32 residual stream
         with (
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
         ):
             out = block(x, (cos, sin))
         totals.append(sum(storages.values()))
@@ -54,16 +56,24 @@ def saved_bytes_per_token(block: torch.nn.Module, d_model: int, rotary_dim: int,
 
 
 @pytest.mark.parametrize(
-    ("d_model", "d_ff", "compiled"), [(256, 683, False), (512, 1365, False), (256, 683, True)]
+    ("d_model", "d_ff", "compiled", "bf16"),
+    [
+        (256, 683, False, True),
+        (512, 1365, False, True),
+        (256, 683, True, True),
+        (256, 683, False, False),
+        (256, 683, True, False),
+    ],
 )
-def test_activation_estimate_matches_what_a_bf16_block_saves(d_model, d_ff, compiled):
-    """The plan's activations per layer and token against the tensors autograd really keeps under bf16
-    autocast, eager and with the block compiled as `train.compile` does. A projection whose output is
-    promoted to fp32 (a bias added outside the matmul) makes the eager block save 24 % more; this fails."""
+def test_activation_estimate_matches_what_a_block_saves(d_model, d_ff, compiled, bf16):
+    """The plan's activations per layer and token against the tensors autograd really keeps, under bf16
+    autocast and in fp32, eager and with the block compiled as `train.compile` does. A projection whose
+    output is promoted to fp32 (a bias added outside the matmul) makes the eager bf16 block save 24 % more;
+    this fails then."""
     cfg = ModelConfig(vocab_size=512, d_model=d_model, n_layers=1, n_heads=4, d_ff=d_ff, max_seq_len=128)
     block = build_model(cfg, MupConfig(base_width=256), seed=0).blocks[0]
     if compiled:
         block.forward = torch.compile(block.forward, dynamic=False)
-    measured = saved_bytes_per_token(block, d_model, cfg.rotary_dim, 128)
-    planned = layer_activation_bytes(d_model, d_ff, compiled)
+    measured = saved_bytes_per_token(block, d_model, cfg.rotary_dim, 128, bf16)
+    planned = layer_activation_bytes(d_model, d_ff, compiled, bf16)
     assert planned * 0.97 < measured < planned * 1.03, (measured, planned)

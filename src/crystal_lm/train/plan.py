@@ -7,7 +7,7 @@ Memory per GPU at its peak, the start of backward, or the optimizer step if that
   largest unsharded block while it computes and the next one prefetched;
 - under bf16 autocast without sharding, the bf16 copies of the weights (2 bytes per parameter), which
   autograd keeps from forward to backward;
-- activations: what autograd keeps per layer and token under bf16 autocast, measured on a block
+- activations: what autograd keeps per layer and token (bf16 autocast or fp32), measured on a block
   (`activation_bytes_per_token`; tests/train/test_plan.py checks both formulas against the saved tensors);
   with activation checkpointing only each block's fp32 input is kept, and one block is rebuilt at a time;
 - the loss: one 1024-row chunk of fp32 logits and its gradient (the fused loss never holds B·T·V logits),
@@ -39,21 +39,24 @@ class Layout:
     fits: bool
 
 
-def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False) -> int:
-    """Bytes one block keeps for backward per token under bf16 autocast. Eager: both LayerNorm inputs in
+def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False, bf16: bool = True) -> int:
+    """Bytes one block keeps for backward per token. Under bf16 autocast, eager: both LayerNorm inputs in
     fp32 (2 · 4d) and the bf16 casts of their outputs (2 · 2d); the fused q|k|v output, kept whole because v
     is a view of it (6d); the fp32 rotary pieces of q and k (2d: the first quarter of each head, two fp32
     tensors each) and the rotated q and k (4d); the attention output and its [B, T, C] copy for the
-    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 28d + 8 d_ff. `torch.compile`
-    per block recomputes some element-wise work in backward instead: 24d + 6 d_ff, as measured on
-    inductor's partition of our block (PyTorch 2.13, CPU)."""
-    return 24 * d + 6 * d_ff if compiled else 28 * d + 8 * d_ff
+    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 28d + 8 d_ff. In fp32 the same
+    tensors without the casts: 44d + 16 d_ff. `torch.compile` per block recomputes some element-wise work
+    in backward instead: 24d + 6 d_ff (bf16) and 44d + 12 d_ff (fp32), as measured on inductor's partition
+    of our block (PyTorch 2.13, CPU)."""
+    if bf16:
+        return 24 * d + 6 * d_ff if compiled else 28 * d + 8 * d_ff
+    return 44 * d + (12 if compiled else 16) * d_ff
 
 
 def activation_bytes_per_token(
-    d: int, d_ff: int, n_layers: int, checkpointing: bool, compiled: bool = False
+    d: int, d_ff: int, n_layers: int, checkpointing: bool, compiled: bool = False, bf16: bool = True
 ) -> int:
-    per_layer = layer_activation_bytes(d, d_ff, compiled)
+    per_layer = layer_activation_bytes(d, d_ff, compiled, bf16)
     tail = 8 * d  # the final LayerNorm's fp32 input and the loss's fp32 gradient for the hidden states
     if checkpointing:
         return n_layers * 4 * d + per_layer + tail  # block inputs, plus one block rebuilt at a time
@@ -93,7 +96,7 @@ def plan(
                 held += 2 * 2 * block_params
             weight_copies = 2 * n_params if bf16 and not sharded else 0  # autocast's, kept for backward
             acts = (
-                activation_bytes_per_token(m.d_model, m.ffn_dim, m.n_layers, ckpt, recipe.train.compile)
+                activation_bytes_per_token(m.d_model, m.ffn_dim, m.n_layers, ckpt, recipe.train.compile, bf16)
                 * tokens_micro
             )
             total = held + max(acts + weight_copies, grads) + loss_bytes + OVERHEAD_BYTES
