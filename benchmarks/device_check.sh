@@ -8,7 +8,7 @@
 #   puts the wheels the device image lacks into .whl/ (ignored by git) and checks the tiny recipe's corpus and
 #   tokenizer are cached under .cache/crystal-lm.
 # There, through the device tool:
-#   run(command="bash benchmarks/device_check.sh", timeout_s=540,
+#   run(command="bash benchmarks/device_check.sh", timeout_s=580,
 #       carry=[".whl", ".cache/crystal-lm/corpus", ".cache/crystal-lm/tokenizers"])
 # Rehearsal here, on CPU with small shapes, in an environment like the device's (no ftfy or zstandard):
 #   WHEEL_PYTHON=3.11 bash benchmarks/device_check.sh --prepare   # wheels for this machine's Python
@@ -60,8 +60,8 @@ if [[ "${DEVICE_CHECK_DEVICE:-cuda}" == cpu ]]; then  # a rehearsal here: same s
   part train 600 $PY benchmarks/train_throughput.py --device cpu --batch 4 --steps 4 --warmup 1 --repeats 1 --with-loader
   part generate 300 $PY benchmarks/generate_throughput.py --new-tokens 16 --repeats 1
 else
-  part train 330 $PY benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --repeats 2 --with-loader
-  part generate 150 $PY benchmarks/generate_throughput.py --shape 1.3b --device cuda --dtype bfloat16 --repeats 2
+  part train 400 $PY benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --repeats 2 --with-loader
+  part generate 130 $PY benchmarks/generate_throughput.py --shape 1.3b --device cuda --dtype bfloat16 --repeats 2
 fi
 find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;
 rm -f "$OUT/.start"
