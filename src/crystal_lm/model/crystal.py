@@ -98,6 +98,8 @@ class Attention(nn.Module):
         )
         if self.rotary_dim:
             q, k = apply_interleaved_rotary(q, *rope), apply_interleaved_rotary(k, *rope)
+            # Attention's backward keeps v; as a view it would keep the whole q|k|v output alive (3x).
+            v = v.contiguous()
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # muP: scores are q·kᵀ / d_head, not / sqrt(d_head).

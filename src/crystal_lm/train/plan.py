@@ -41,16 +41,15 @@ class Layout:
 
 def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False, bf16: bool = True) -> int:
     """Bytes one block keeps for backward per token. Under bf16 autocast, eager: both LayerNorm inputs in
-    fp32 (2 · 4d) and the bf16 casts of their outputs (2 · 2d); the fused q|k|v output, kept whole because v
-    is a view of it (6d); the fp32 rotary pieces of q and k (2d: the first quarter of each head, two fp32
-    tensors each) and the rotated q and k (4d); the attention output and its [B, T, C] copy for the
-    projection (4d); SwiGLU's up, gate, SiLU and product (4 · 2 · d_ff): 28d + 8 d_ff. In fp32 the same
-    tensors without the casts: 44d + 16 d_ff. `torch.compile` per block recomputes some element-wise work
-    in backward instead: 24d + 6 d_ff (bf16) and 44d + 12 d_ff (fp32), as measured on inductor's partition
-    of our block (PyTorch 2.13, CPU)."""
+    fp32 (2 · 4d) and the bf16 casts of their outputs (2 · 2d); the fp32 rotary pieces of q and k (2d: the
+    first quarter of each head, two fp32 tensors each); the rotated q and k and a contiguous v (6d); the
+    attention output and its [B, T, C] copy for the projection (4d); SwiGLU's up, gate, SiLU and product
+    (4 · 2 · d_ff): 24d + 8 d_ff. In fp32: 36d + 16 d_ff. `torch.compile` per block recomputes some
+    element-wise work in backward instead: 20d + 6 d_ff (bf16) and 36d + 12 d_ff (fp32). All four are
+    counted on our block (tests/train/test_plan.py; PyTorch 2.13, inductor on CPU)."""
     if bf16:
-        return 24 * d + 6 * d_ff if compiled else 28 * d + 8 * d_ff
-    return 44 * d + (12 if compiled else 16) * d_ff
+        return 20 * d + 6 * d_ff if compiled else 24 * d + 8 * d_ff
+    return 36 * d + (12 if compiled else 16) * d_ff
 
 
 def activation_bytes_per_token(
