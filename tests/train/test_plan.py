@@ -7,8 +7,7 @@ import torch
 
 from crystal_lm.config import ModelConfig, MupConfig, load_recipe
 from crystal_lm.model import build_model
-from crystal_lm.model.crystal import rotary_tables
-from crystal_lm.train.plan import GIB, layer_activation_bytes, plan
+from crystal_lm.train.plan import GIB, layer_activation_bytes, measured_layer_activation_bytes, plan
 
 from ..conftest import REPO
 
@@ -25,34 +24,6 @@ def test_crystal_7b_needs_sharding_on_80gb_gpus():
     wider = {lay.name: lay for lay in plan(recipe, gpus=16, gpu_memory_gib=80, micro_batch=2)}
     assert wider["FSDP2"].step_s == pytest.approx(fsdp.step_s / 2)
     assert wider["FSDP2"].tokens_per_s_per_gpu == pytest.approx(fsdp.tokens_per_s_per_gpu)
-
-
-def saved_bytes_per_token(
-    block: torch.nn.Module, d_model: int, rotary_dim: int, seq_len: int, bf16: bool = True
-) -> float:
-    """What one block's forward (under bf16 autocast, or in fp32) keeps for backward, per token: the bytes
-    saved at batch 4 minus those at batch 2, so the bf16 weight copies (per step, not per token) cancel."""
-    cos, sin = rotary_tables(rotary_dim, torch.arange(seq_len), 10000.0)
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    totals = []
-    for batch in (2, 4):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor, storages=storages) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in weights:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        x = torch.randn(batch, seq_len, d_model, requires_grad=True)  # the fp32 residual stream
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-        ):
-            out = block(x, (cos, sin))
-        totals.append(sum(storages.values()))
-        del out
-    return (totals[1] - totals[0]) / (2 * seq_len)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +45,6 @@ def test_activation_estimate_matches_what_a_block_saves(d_model, d_ff, compiled,
     block = build_model(cfg, MupConfig(base_width=256), seed=0).blocks[0]
     if compiled:
         block.forward = torch.compile(block.forward, dynamic=False)
-    measured = saved_bytes_per_token(block, d_model, cfg.rotary_dim, 128, bf16)
+    measured = measured_layer_activation_bytes(block, cfg, 128, bf16)
     planned = layer_activation_bytes(d_model, d_ff, compiled, bf16)
     assert planned * 0.97 < measured < planned * 1.03, (measured, planned)

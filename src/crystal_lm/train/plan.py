@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crystal_lm.config import Recipe
+import torch
+
+from crystal_lm.config import ModelConfig, Recipe
 from crystal_lm.model import build_model
+from crystal_lm.model.crystal import rotary_tables
 from crystal_lm.train.parallel import flops_per_token
 
 GIB = 2**30
@@ -50,6 +53,34 @@ def layer_activation_bytes(d: int, d_ff: int, compiled: bool = False, bf16: bool
     if bf16:
         return 20 * d + 6 * d_ff if compiled else 24 * d + 8 * d_ff
     return 36 * d + (12 if compiled else 16) * d_ff
+
+
+def measured_layer_activation_bytes(
+    block: torch.nn.Module, cfg: ModelConfig, seq_len: int = 128, bf16: bool = True
+) -> float:
+    """What one block's forward (under bf16 autocast, or in fp32) really keeps for backward, per token, on
+    CPU: the bytes of the tensors autograd saves at batch 4 minus those at batch 2, so the bf16 weight copies
+    (per step, not per token) cancel. What `layer_activation_bytes` is checked against."""
+    cos, sin = rotary_tables(cfg.rotary_dim, torch.arange(seq_len), cfg.rope_theta)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    totals = []
+    for batch in (2, 4):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages=storages) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(batch, seq_len, cfg.d_model, requires_grad=True)  # the fp32 residual stream
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
+            block(x, (cos, sin))
+        totals.append(sum(storages.values()))
+    return (totals[1] - totals[0]) / (2 * seq_len)
 
 
 def activation_bytes_per_token(
