@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crystal_lm.config import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,18 +19,27 @@ SHAPES = {
 }
 
 
-def tiny_stage(seq_len: int, batch_size: int, stage_index: int = 1):  # -> StageData
-    """Stage 2 of recipes/tiny.yaml (FIM 0.9 on 63 % code, the heaviest for the loader) at `seq_len` with
-    `batch_size` rows a step, its data prepared (cached under the repository's .cache)."""
+def tiny_recipe(edit: Callable[[dict], None]) -> Recipe:
+    """recipes/tiny.yaml with `edit(raw)` applied to its raw dict before validation."""
     import yaml
 
     from crystal_lm.config import recipe_from_dict
+
+    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    edit(raw)
+    return recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
+
+
+def tiny_stage(seq_len: int, batch_size: int, stage_index: int = 1):  # -> StageData
+    """Stage 2 of recipes/tiny.yaml (FIM 0.9 on 63 % code, the heaviest for the loader) at `seq_len` with
+    `batch_size` rows a step, its data prepared (cached under the repository's .cache)."""
     from crystal_lm.data.loader import StageData
     from crystal_lm.data.prepare import prepare_data
 
+    def edit(raw: dict) -> None:
+        raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = seq_len
+        raw["train"]["batch_size"] = batch_size
+
     os.chdir(REPO)  # the recipe's cache_dir is relative to the repository
-    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
-    raw["data"]["seq_len"] = raw["model"]["max_seq_len"] = seq_len
-    raw["train"]["batch_size"] = batch_size
-    recipe = recipe_from_dict(raw, str(REPO / "recipes" / "tiny.yaml"))
+    recipe = tiny_recipe(edit)
     return StageData(recipe, prepare_data(recipe), stage_index)

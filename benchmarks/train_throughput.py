@@ -24,7 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHAPES, tiny_stage  # benchmarks/common.py: run as a script, benchmarks/ is on sys.path
+from common import (
+    SHAPES,
+    tiny_recipe,
+    tiny_stage,
+)  # benchmarks/common.py: run as a script, benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,24 +147,23 @@ def plan_check(shape: tuple, batch: int, compiled: bool, measured: dict) -> dict
     memory measured: its model states + activations + loss chunk against our peak allocated bytes, and its
     total (with the fixed 2 GiB for context and slack) against that peak plus the CUDA context and the
     allocator's reserve, which is what `nvidia-smi` shows."""
-    import yaml
-
-    from crystal_lm.config import recipe_from_dict
     from crystal_lm.train.plan import GIB, OVERHEAD_BYTES, plan
 
     d, layers, heads, ff, vocab, seq = shape
-    raw = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
-    raw["model"] = {
-        "vocab_size": vocab,
-        "d_model": d,
-        "n_layers": layers,
-        "n_heads": heads,
-        "d_ff": ff,
-        "max_seq_len": seq,
-    }
-    raw["data"]["seq_len"] = seq
-    raw["train"] |= {"batch_size": batch, "precision": "bf16", "compile": compiled}
-    recipe = recipe_from_dict(raw, "benchmarks/train_throughput.py")
+
+    def edit(raw: dict) -> None:
+        raw["model"] = {
+            "vocab_size": vocab,
+            "d_model": d,
+            "n_layers": layers,
+            "n_heads": heads,
+            "d_ff": ff,
+            "max_seq_len": seq,
+        }
+        raw["data"]["seq_len"] = seq
+        raw["train"] |= {"batch_size": batch, "precision": "bf16", "compile": compiled}
+
+    recipe = tiny_recipe(edit)
     layout = next(lay for lay in plan(recipe, gpus=1, gpu_memory_gib=80) if lay.name == "DDP")
     planned_total, planned_body = layout.memory_gib, layout.memory_gib - OVERHEAD_BYTES / GIB
     peak, seen = measured["peak_mem_gib"], measured["device_used_gib"]
