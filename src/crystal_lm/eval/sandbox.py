@@ -32,7 +32,6 @@ from typing import Literal
 Status = Literal["passed", "failed", "timeout", "killed"]
 
 # Runs first in the child, as trusted code: limits, privilege drop, then the program, then the marker.
-# Runs first in the child, as trusted code: limits, privilege drop, then the program, then the marker.
 # Everything lives in a function's locals so the program finds no marker in `__main__`.
 _WRAPPER = """\
 def _run():
