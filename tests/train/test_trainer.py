@@ -4,6 +4,7 @@ kill -9 and Ctrl-C."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from crystal_lm.config import recipe_from_dict
+from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -80,6 +82,30 @@ def test_another_recipe_cannot_take_over_a_run_folder(trained_run, recipe_dict):
     d["stages"][0]["tokens"] *= 2
     with pytest.raises(RunDirError, match="another recipe"):
         train(recipe_from_dict(d), run_dir)
+
+
+def test_resuming_with_changed_tokenizer_or_data_is_refused(trained_run, prepared, tmp_path):
+    """Same recipe, same paths, different contents: resuming must refuse, naming both tokenizer hashes or the
+    source whose shards changed, instead of training on other token ids or another data order."""
+    recipe, run_dir, _ = trained_run
+    _, data = prepared
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    before = (run_copy / "metrics.jsonl").read_text()
+
+    other_tok = tmp_path / "tokenizer.json"  # the same vocabulary, other bytes: another file as far as ids go
+    other_tok.write_text(json.dumps(json.loads(data.tokenizer.path.read_text()), indent=3))
+    changed = dataclasses.replace(data, tokenizer=Tokenizer(other_tok))
+    with pytest.raises(RunDirError, match="tokenizer") as err:
+        train(recipe, run_copy, data=changed)
+    assert data.tokenizer.sha256[:16] in str(err.value) and changed.tokenizer.sha256[:16] in str(err.value)
+
+    manifest = json.loads((run_copy / "data_manifest.json").read_text())
+    manifest["sources"]["python"]["train"]["shards"][0]["sha256"] = "0" * 64
+    (run_copy / "data_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunDirError, match="python/train"):
+        train(recipe, run_copy, data=data)
+    assert (run_copy / "metrics.jsonl").read_text() == before  # nothing trained on the wrong data
 
 
 def test_damaged_newest_checkpoint_is_skipped(trained_run, tmp_path, caplog):

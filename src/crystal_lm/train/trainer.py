@@ -273,6 +273,45 @@ class _NoLog:
         pass
 
 
+def _shard_hashes(manifest: dict) -> dict[str, list[str]]:
+    return {
+        f"{name}/{split}": [shard["sha256"] for shard in summary[split]["shards"]]
+        for name, summary in manifest.get("sources", {}).items()
+        for split in ("train", "val")
+    }
+
+
+def refuse_changed_data(run_dir: Path, resume: Path, data: PreparedData) -> None:
+    """A resumed run must see the tokens it started with. The recipe fingerprint covers paths and settings,
+    not what the files hold: a tokenizer or corpus changed in place would silently change the token ids and
+    the published data order half-way through a run."""
+    tokenizer = resume / "tokenizer.json"
+    if tokenizer.is_file():
+        before = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+        if before != data.tokenizer.sha256:
+            raise RunDirError(
+                f"{run_dir}: the recipe's tokenizer ({data.tokenizer.path}, sha256 {data.tokenizer.sha256[:16]}…) "
+                f"is not the one this run trained with ({resume.name}/tokenizer.json, sha256 {before[:16]}…). "
+                "Restore the original tokenizer to resume, or train into a new --out folder."
+            )
+    recorded = run_dir / "data_manifest.json"
+    if not recorded.is_file():
+        return
+    before_shards, now_shards = (
+        _shard_hashes(json.loads(recorded.read_text())),
+        _shard_hashes(data.manifest()),
+    )
+    changed = sorted(
+        k for k in before_shards.keys() | now_shards.keys() if before_shards.get(k) != now_shards.get(k)
+    )
+    if changed:
+        raise RunDirError(
+            f"{run_dir}: the packed data of {', '.join(changed)} differs from what this run started with "
+            f"(shard hashes in {recorded}); its data order would no longer be what it trained on. Restore "
+            "the source files, or train into a new --out folder."
+        )
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path,
@@ -303,20 +342,23 @@ def train(
             data = prepare_data(recipe)  # rank 0 builds; the others then find it in the cache
         world.barrier()
         data = data or prepare_data(recipe)
-    tokenizer_path = run_dir / "tokenizer.json"
-    if world.main:
-        (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest(), indent=1) + "\n")
-        shutil.copyfile(data.tokenizer.path, tokenizer_path)
-
     model = build_model(recipe.model, recipe.mup, seed=recipe.seed)
     ck_root = run_dir / "checkpoints"
     if world.main:
         clean_partial(ck_root)
     world.barrier()
+    resume = latest_checkpoint(ck_root)
+    if resume is not None:
+        refuse_changed_data(run_dir, resume, data)
+    world.barrier()
+    tokenizer_path = run_dir / "tokenizer.json"
+    if world.main:
+        (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest(), indent=1) + "\n")
+        shutil.copyfile(data.tokenizer.path, tokenizer_path)
+
     state = TrainState(recipe_fingerprint=recipe.fingerprint())
     opt_state = None
     init_optimizer = False  # the first stage continues an initial checkpoint's optimizer state
-    resume = latest_checkpoint(ck_root)
     if resume is not None:
         state = load_state(resume)
         load_model_weights(resume, model)
