@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -208,7 +211,9 @@ def test_files_tree_languages_grouping_and_non_utf8(tmp_path):
     docs, stats, units = _read(root, on_error="skip")
     assert [d.id for d in docs] == ["pkg/a.py", "pkg/b.py", "pkg/web/app.js", "pkg/web/index.html"]
     assert docs[0].text == "def a():\n    return 1\n"
-    assert stats.skipped == {"not_utf8": 1, "empty": 1} and len(units) == 1
+    # notes.txt is not a source language: left out, but counted (in a unit that only counts).
+    assert stats.skipped == {"not_utf8": 1, "empty": 1, "other_extension": 1}
+    assert [u.skip for u in units] == ["", "other_extension"] and units[1].files == ("pkg/notes.txt",)
     grouped, _, units = _read(root, unit_bytes=15, on_error="skip")
     assert len(units) >= 3 and grouped == docs
     assert len({f for u in units for f in u.files}) == sum(len(u.files) for u in units)
@@ -320,3 +325,118 @@ def test_unit_keys_are_stable_and_distinct():
     assert a.key == Unit("/data/a.jsonl", 0, 100).key and len(a.key) == 16
     assert len({a.key, Unit("/data/a.jsonl", 100, 200).key, Unit("/data/a.jsonl").key}) == 3
     assert Unit("/t", files=("x.py",)).key != Unit("/t", files=("y.py",)).key
+
+
+def _lines_of(n: int, tag: str) -> str:
+    return "".join(json.dumps({"text": f"{tag} document {i}"}) + "\n" for i in range(n))
+
+
+def test_files_of_other_formats_in_a_folder_are_named_or_counted_never_dropped(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_lines_of(3, "a"))
+    (folder / "b.jsonl.bz2").write_bytes(bz2.compress(_lines_of(4, "b").encode()))
+    (folder / "c.jsonl.xz").write_bytes(lzma.compress(_lines_of(5, "c").encode()))
+    (folder / "README.md").write_text("# a dataset card\n")
+    assert detect_format(folder) == "jsonl"
+    with pytest.raises(
+        DataError, match=r"b\.jsonl\.bz2: compressed with bzip2.*1 more files not read: .*c\.jsonl\.xz"
+    ):
+        _read(folder)
+    docs, stats, _ = _read(folder, on_error="skip")
+    assert [d.text for d in docs] == [f"a document {i}" for i in range(3)]
+    assert stats.skipped == {"unsupported_format": 2, "not_data": 1}
+    assert stats.examples == [
+        f"{folder / 'b.jsonl.bz2'}: unsupported_format",
+        f"{folder / 'c.jsonl.xz'}: unsupported_format",
+    ]
+    # A lone .bz2 file: the message is about the compression, not about UTF-8.
+    with pytest.raises(DataError, match=r"solo\.jsonl\.bz2: compressed with bzip2, which is not supported"):
+        (tmp_path / "solo.jsonl.bz2").write_bytes((folder / "b.jsonl.bz2").read_bytes())
+        _read(tmp_path / "solo.jsonl.bz2")
+
+
+def test_a_folder_of_two_data_formats_is_an_error_naming_both(tmp_path):
+    folder = tmp_path / "mixpq"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_lines_of(300, "jsonl"))
+    pq.write_table(pa.table({"content": ["x = 1\n"]}), folder / "b.parquet")
+    with pytest.raises(DataError, match=r"more than one format \(jsonl: .*a\.jsonl; parquet: .*b\.parquet\)"):
+        detect_format(folder)
+    # With the format set, the other format's file is an error, or counted with on_error: skip.
+    with pytest.raises(DataError, match=r"b\.parquet: not a JSONL .* file"):
+        _read(folder, format="jsonl")
+    docs, stats, _ = _read(folder, format="jsonl", on_error="skip")
+    assert len(docs) == 300 and stats.skipped == {"unsupported_format": 1}
+    docs, stats, _ = _read(folder, format="parquet", on_error="skip", text_field="content")
+    assert [d.text for d in docs] == ["x = 1\n"] and stats.skipped == {"unsupported_format": 1}
+
+
+def _tree_with_links(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("a = 1\n")
+    (root / "pkg" / "loop").symlink_to("..")  # a symlink loop
+    (root / "pkg" / "alias.py").symlink_to("a.py")  # the same file under a second name
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "v.py").write_text("v = 2\n")
+    (root / "pkg" / "vendored").symlink_to(ext)  # a symlinked folder outside the tree
+    return root
+
+
+@pytest.mark.parametrize("target", ["tree", "tree/**", "tree/pkg/*", "tree/**/*.py"])
+def test_symlinked_folders_are_followed_once_and_loops_end(tmp_path, target):
+    root = _tree_with_links(tmp_path)
+    path = tmp_path / target
+    assert detect_format(path) == "files"
+    docs, stats, _ = _read(path)
+    texts = sorted(d.text for d in docs)
+    assert texts == ["a = 1\n", "v = 2\n"], [d.id for d in docs]  # each real file read once
+    assert not stats.skipped
+    assert any(d.id.endswith("vendored/v.py") for d in docs)
+    assert root.exists()
+
+
+def test_source_fingerprint_survives_loops_and_dangling_links(tmp_path, recipe_dict):
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.data.documents import source_fingerprint
+
+    root = _tree_with_links(tmp_path)
+    (root / "pkg" / "gone.py").symlink_to(tmp_path / "missing.py")
+    d = recipe_dict
+    d["data"]["sources"] = {"mine": {"domain": "code", "path": str(tmp_path / "tree" / "**")}}
+    for st in d["stages"]:
+        st["mixture"] = {"mine": 1.0}
+        st.get("fim", {}).pop("sources", None)
+    d["stages"][2].pop("subsets", None)
+    recipe = recipe_from_dict(d, "r.yaml")
+    first = source_fingerprint(recipe, "mine", None)
+    (root / "pkg" / "a.py").write_text("a = 10\n")
+    assert source_fingerprint(recipe, "mine", None) != first
+
+
+def test_dangling_links_and_fifos_are_named_or_counted(tmp_path):
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "m0.py").write_text("x = 0\n")
+    (root / "gone.py").symlink_to(tmp_path / "nowhere.py")
+    os.mkfifo(root / "pipe.py")  # reading it would block forever
+    (root / "image.png").symlink_to(tmp_path / "nowhere.png")  # not code: only counted
+    with pytest.raises(
+        DataError,
+        match=rf"^{root / 'gone.py'}: a symbolic link to .*nowhere\.py, which does not exist.*pipe\.py",
+    ):
+        _read(root)
+    docs, stats, _ = _read(root, on_error="skip")
+    assert [d.id for d in docs] == ["m0.py"]
+    assert stats.skipped == {"unreadable": 1, "not_regular_file": 1, "other_extension": 1}
+    jsonl = tmp_path / "j"
+    jsonl.mkdir()
+    (jsonl / "a.jsonl").write_text(_lines_of(2, "a"))
+    os.mkfifo(jsonl / "b.jsonl")
+    with pytest.raises(DataError, match=r"b\.jsonl: a FIFO \(named pipe\), not a regular file"):
+        _read(jsonl)
+    assert _read(jsonl, on_error="skip")[1].skipped == {"not_regular_file": 1}
+    with pytest.raises(DataError, match=r"gone\.py: a symbolic link to .*, which does not exist"):
+        detect_format(root / "gone.py")

@@ -62,10 +62,12 @@ def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None)
     else:
         from crystal_lm.data.readers import _expand
 
-        _, files = _expand(recipe.resolve_path(src.path or ""))  # the files a folder or glob stands for
+        _, files, odd = _expand(recipe.resolve_path(src.path or ""))  # what a folder or glob stands for
         for p in files:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for p, reason, _ in odd:  # entries not read (a dangling link...): by name, they cannot be stat'ed
+            h.update(f"{p}\0{reason}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -18,12 +18,13 @@ out by ``where`` or ``languages`` (``filtered``) are always skipped and counted,
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import gzip
 import hashlib
 import io
 import json
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -104,6 +105,23 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".j
 # Any of these makes a folder JSONL data; bare .json files only when there is no source code next to them.
 _STRONG_JSONL_SUFFIXES = tuple(s for s in _JSONL_SUFFIXES if s != ".json")
 _HF_MARKERS = ("state.json", "dataset_info.json")
+# Compressions JSONL files may not use, by suffix: named in the error rather than read as bad UTF-8.
+_UNSUPPORTED_COMPRESSION = {
+    ".bz2": "bzip2",
+    ".xz": "xz",
+    ".lzma": "lzma",
+    ".lz4": "lz4",
+    ".br": "brotli",
+    ".snappy": "snappy",
+    ".zip": "zip",
+    ".7z": "7z",
+    ".tar": "tar",
+    ".tgz": "tar.gz",
+}
+# Documentation beside data (a dataset card, a licence): not data, counted as `not_data`, never an error.
+_DOC_NAMES = ("readme", "license", "licence", "copying", "notice", "citation", "changelog")
+# Files left out by design, counted but never an error.
+_ROUTINE_FILE_SKIPS = frozenset({"not_data", "other_extension"})
 _SKIP_HINT = "or set the source's on_error: skip to count and skip such records"
 _MAX_EXAMPLES = 5
 _DISCARD_CHUNK = 64 * 1024
@@ -118,6 +136,8 @@ _EXAMPLE_REASONS = frozenset(
         "truncated_file",
         "corrupt_file",
         "unreadable",
+        "unsupported_format",
+        "not_regular_file",
     }
 )
 
@@ -134,7 +154,7 @@ class Unit:
 
     `path` is the file (for ``files``, the tree's root, with the group's files relative to it in `files`);
     `start` and `end` a byte range (``end=None``: to the end); `name` the file's name relative to the source,
-    used in document ids.
+    used in document ids. A unit with a `skip` reason stands for `files` that are not read, only counted.
     """
 
     path: str
@@ -142,11 +162,14 @@ class Unit:
     end: int | None = None
     name: str = ""
     files: tuple[str, ...] = ()
+    skip: str = ""
 
     @property
     def key(self) -> str:
         """A stable short id of the unit (its path, range and files), used to name its output."""
-        spec = json.dumps([self.path, self.start, self.end, list(self.files)])
+        spec = json.dumps(
+            [self.path, self.start, self.end, list(self.files)] + ([self.skip] if self.skip else [])
+        )
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -193,38 +216,112 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _walk(root: Path) -> list[Path]:
-    """Regular files under `root`, hidden files and folders (``.git``, ``.venv``, ...) left out."""
+# A file that is not a readable regular file: (path, reason, what is wrong with it).
+_Odd = tuple[Path, str, str]
+
+
+def _walk(root: Path, odd: list[_Odd]) -> list[Path]:
+    """Files under `root` (hidden files and folders such as ``.git`` left out), following symlinked folders
+    but entering each real folder once (`seen` holds their (device, inode)), so a symlink loop ends. Entries
+    that are not regular files (dangling links, FIFOs, ...) and unreadable folders go to `odd`."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+
+    def on_error(exc: OSError) -> None:
+        odd.append((Path(exc.filename or root), "unreadable", f"cannot list the folder ({exc.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError as exc:
+                odd.append((Path(dirpath) / d, "unreadable", f"cannot open the folder ({exc.strerror})"))
+                continue
+            if (st.st_dev, st.st_ino) not in seen:  # else a symlink loop, or a second link to a folder
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirnames[:] = keep
         out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
     return out
 
 
-def _expand(path: Path) -> tuple[Path, list[Path]]:
-    """The folder names are relative to, and the files under `path` (a file, a folder or a glob), sorted."""
+def _file_kind(p: Path) -> tuple[str, str] | None:
+    """None for a regular file (symlinks followed); else the skip reason and what the entry is."""
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        if os.path.islink(p) and not os.path.exists(p):
+            return "unreadable", f"a symbolic link to {os.readlink(p)}, which does not exist"
+        return "unreadable", f"cannot read ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
+    )
+    return "not_regular_file", f"{kind}, not a regular file; only regular files are read"
+
+
+def _glob_match(pattern: list[str], parts: tuple[str, ...]) -> bool:
+    """Whether relative path `parts` matches glob `pattern` (``**``: any number of folders)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(pattern[1:], parts[1:])
+
+
+def _expand(path: Path) -> tuple[Path, list[Path], list[_Odd]]:
+    """The folder names are relative to, the regular files under `path` (a file, a folder or a glob) sorted,
+    each real file once (a second link to it left out), and the entries that are not readable files."""
     s = str(path)
+    odd: list[_Odd] = []
+    found: list[Path] = []
     if _has_magic(s):
         parts = path.parts
         n = next(i for i, p in enumerate(parts) if _has_magic(p))
         base = Path(*parts[:n]) if n else Path(".")
-        files: list[Path] = []
-        for m in glob.glob(s, recursive=True):
-            p = Path(m)
-            if p.is_dir():
-                files.extend(_walk(p))
-            elif p.is_file():
-                files.append(p)
-        if not files:
+        pattern = list(parts[n:])
+        if base.is_dir():
+            # Walked (loop-safe) rather than globbed: a glob follows symlink loops until ELOOP.
+            walked: list[_Odd] = []
+
+            def matches(p: Path) -> bool:  # the file, or a folder above it, matches
+                rel = p.relative_to(base).parts
+                return any(_glob_match(pattern, rel[:k]) for k in range(1, len(rel) + 1))
+
+            found = [p for p in _walk(base, walked) if matches(p)]
+            odd = [o for o in walked if matches(o[0])]
+        if not found and not odd:
             raise DataError(f"{path}: no files match this pattern (check the source's path)")
     elif path.is_dir():
-        base, files = path, _walk(path)
-    elif path.is_file():
-        base, files = path.parent, [path]
+        base, found = path, _walk(path, odd)
+    elif os.path.lexists(path):
+        problem = _file_kind(path)
+        if problem is not None:
+            raise DataError(f"{path}: {problem[1]} (check the source's path)")
+        base, found = path.parent, [path]
     else:
         raise DataError(f"{path}: no such file or directory (check the source's path)")
-    return base, sorted(set(files), key=lambda p: p.relative_to(base).as_posix())
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for p in sorted(set(found), key=lambda p: p.relative_to(base).as_posix()):
+        problem = _file_kind(p)
+        if problem is not None:
+            odd.append((p, *problem))
+            continue
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) not in seen:  # the same real file reached by two paths is read once
+            seen.add((st.st_dev, st.st_ino))
+            files.append(p)
+    return base, files, sorted(odd)
 
 
 def _is_jsonl(p: Path, strong: bool = False) -> bool:
@@ -235,6 +332,18 @@ def _language(p: Path) -> str | None:
     return LANGUAGE_OF_EXTENSION.get(p.suffix.lower())
 
 
+def _data_kind(p: Path) -> str | None:
+    """The data format a file's name says, if any (a JSONL file in an unsupported compression counts)."""
+    name = p.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "hf_disk"
+    if p.suffix.lower() in _UNSUPPORTED_COMPRESSION:
+        name = name[: -len(p.suffix)]
+    return "jsonl" if name.endswith(_STRONG_JSONL_SUFFIXES) else None
+
+
 def detect_format(path: Path) -> str:
     """The format of the data at `path` (a file, folder or glob), guessed from the files present."""
     if path.is_dir() and (
@@ -242,15 +351,27 @@ def detect_format(path: Path) -> str:
         or (any((path / m).is_file() for m in _HF_MARKERS) and any(path.glob("*.arrow")))
     ):
         return "hf_disk"
-    _, files = _expand(path)
+    _, files, odd = _expand(path)
     if not files:
-        raise DataError(f"{path}: no files to read (check the source's path)")
-    if any(p.suffix.lower() == ".parquet" for p in files):
-        return "parquet"
-    if any(p.suffix.lower() == ".arrow" for p in files):
-        return "hf_disk"
-    if any(_is_jsonl(p, strong=True) for p in files):
-        return "jsonl"
+        why = f" ({odd[0][0]}: {odd[0][2]})" if odd else ""
+        raise DataError(f"{path}: no files to read{why} (check the source's path)")
+    kinds: dict[str, list[Path]] = {}
+    for p in files:
+        kind = _data_kind(p)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(p)
+    if len(kinds) > 1:  # guessing would leave one format's files out
+        listing = "; ".join(
+            f"{k}: {', '.join(str(q) for q in ps[:3])}{', …' if len(ps) > 3 else ''}"
+            for k, ps in sorted(kinds.items())
+        )
+        raise DataError(
+            f"{path}: holds data files of more than one format ({listing}); set the source's `format` to "
+            "read one of them (files of other formats are then errors, or skipped and counted with "
+            "on_error: skip), or point its path at one format's files with a glob such as <folder>/*.jsonl"
+        )
+    if kinds:
+        return next(iter(kinds))
     has_code = any(_language(p) not in (None, "json") for p in files)
     if not has_code and any(_is_jsonl(p) for p in files):
         return "jsonl"
@@ -290,24 +411,67 @@ def _extension_filter(src: SourceConfig) -> Callable[[Path], bool]:
     return lambda p: _language(p) is not None
 
 
+def _not_readable_as(p: Path, fmt: str, named: bool) -> tuple[str, str] | None:
+    """Why file `p` of a `fmt` source is not read (skip reason, message), or None to read it. A file the
+    source's path names is read whatever its name; in a folder or glob, the name must fit the format."""
+    compression = _UNSUPPORTED_COMPRESSION.get(p.suffix.lower())
+    if compression is not None:
+        return "unsupported_format", (
+            f"compressed with {compression}, which is not supported (JSONL files may be plain, .gz or .zst); "
+            "decompress it, or recompress it with gzip or zstd"
+        )
+    if named or (_is_jsonl(p) if fmt == "jsonl" else p.suffix.lower() == ".parquet"):
+        return None
+    if p.name.lower().startswith(_DOC_NAMES):
+        return "not_data", ""
+    names = "Parquet (.parquet)" if fmt == "parquet" else "JSONL (.jsonl or .json; plain, .gz or .zst)"
+    return "unsupported_format", (
+        f"not a {names} file, so this {fmt} source cannot read it; move it out of the source's folder, "
+        "point the source's path at the data files with a glob, or set the source's format (`files` "
+        "reads a source tree)"
+    )
+
+
+def _not_read_summary(bad: list[_Odd]) -> str:
+    counts: dict[str, int] = {}
+    for _, reason, _ in bad:
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
+
+
 def list_units(src: SourceConfig, path: Path, unit_bytes: int) -> list[Unit]:
     """The units of work of a source read from `path`, sorted (the same list for the same files).
 
     JSONL: one unit per file, a plain file larger than `unit_bytes` split into byte ranges of that size.
     Parquet and hf_disk: one unit per file. Files: groups of about `unit_bytes` of files in path order.
+    Every other entry of a folder or glob is accounted for: a file the source cannot read (another format,
+    an unsupported compression, a dangling link, a FIFO) is a `DataError` naming it, or with ``on_error:
+    skip`` a unit that counts it as skipped; documentation files (README, LICENSE) beside data and, in a
+    source tree, files of other languages are always counted (``not_data``, ``other_extension``).
     """
     if unit_bytes < 1:
         raise DataError(f"unit_bytes must be positive, not {unit_bytes}")
     fmt = src.format or detect_format(path)
     _check(src, fmt)
+    bad: list[_Odd] = []  # entries not read: (path, skip reason, message)
+    base = path
     if fmt == "hf_disk":
         units = _hf_units(path)
     else:
-        base, files = _expand(path)
+        base, files, odd = _expand(path)
         rel = {p: p.relative_to(base).as_posix() for p in files}
+        if fmt in ("jsonl", "parquet"):
+            named = path.is_file()
+            readable = []
+            for p in files:
+                why = _not_readable_as(p, fmt, named)
+                if why is None:
+                    readable.append(p)
+                else:
+                    bad.append((p, *why))
+            files = readable
+            bad.extend(odd)
         if fmt == "jsonl":
-            if len(files) > 1 or path.is_dir():
-                files = [p for p in files if _is_jsonl(p)]
             units = []
             for p in files:
                 size = p.stat().st_size
@@ -318,12 +482,15 @@ def list_units(src: SourceConfig, path: Path, unit_bytes: int) -> list[Unit]:
                 else:
                     units.append(Unit(str(p), name=rel[p]))
         elif fmt == "parquet":
-            units = [Unit(str(p), name=rel[p]) for p in files if p.suffix.lower() == ".parquet"]
+            units = [Unit(str(p), name=rel[p]) for p in files]
             wanted = _wanted_languages(src)
             if wanted is not None:  # leave out whole files of other languages when the folder tells
                 units = [u for u in units if Path(u.path).parent.name.lower() in wanted or _lang_column(u)]
         else:
             keep = _extension_filter(src)
+            # A source tree holds READMEs, images, ...: files of other languages are left out, and counted.
+            bad.extend((p, "other_extension", "") for p in files if not keep(p))
+            bad.extend(o if keep(o[0]) else (o[0], "other_extension", "") for o in odd)
             units, group, size = [], [], 0
             for p in files:
                 if keep(p):
@@ -334,9 +501,21 @@ def list_units(src: SourceConfig, path: Path, unit_bytes: int) -> list[Unit]:
                         group, size = [], 0
             if group:
                 units.append(Unit(str(base), files=tuple(group)))
+    errors = [b for b in bad if b[1] not in _ROUTINE_FILE_SKIPS]
+    if errors and src.on_error == "fail":
+        p, _, message = errors[0]
+        more = ""
+        if len(errors) > 1:
+            others = ", ".join(str(q) for q, _, _ in errors[1:4]) + (", …" if len(errors) > 4 else "")
+            more = f" ({len(errors) - 1} more files not read: {others})"
+        raise DataError(f"{p}: {message}{more}; or set the source's on_error: skip to count and skip them")
     if not units:
         what = {"jsonl": "JSONL", "parquet": "Parquet", "hf_disk": "Arrow", "files": "matching source"}[fmt]
-        raise DataError(f"{path}: no {what} files to read (check the source's path and filters)")
+        left = f"; not read: {_not_read_summary(bad)}" if bad else ""
+        raise DataError(f"{path}: no {what} files to read (check the source's path and filters{left})")
+    for reason in sorted({r for _, r, _ in bad}):  # counted as skipped when the units are read
+        names = tuple(sorted(p.relative_to(base).as_posix() for p, r, _ in bad if r == reason))
+        units.append(Unit(str(base), files=names, skip=reason))
     return sorted(units, key=lambda u: (u.path, u.start, u.files))
 
 
@@ -380,6 +559,13 @@ def _hf_units(path: Path) -> list[Unit]:
 def read_unit(unit: Unit, src: SourceConfig, fmt: str, stats: ReadStats) -> Iterator[Document]:
     """The documents of one unit in file order; skips are counted in `stats` (``max_bytes`` is the caller's)."""
     _check(src, fmt)
+    if unit.skip:  # files `list_units` found unreadable: only counted
+        for rel in unit.files:
+            where = str(Path(unit.path) / rel)
+            if src.on_error == "fail" and unit.skip not in _ROUTINE_FILE_SKIPS:
+                raise DataError(f"{where}: not readable by this source ({unit.skip}); " + _SKIP_HINT)
+            stats.skip(unit.skip, where)
+        return
     if fmt == "jsonl":
         docs = _read_jsonl(unit, src, stats)
     elif fmt == "files":
