@@ -4,8 +4,8 @@ Formats: ``jsonl`` (one JSON object a line; plain, gzip or zstandard; SlimPajama
 ``<root>/<language>/*.parquet`` with a ``content`` column), ``files`` (a source tree) and ``hf_disk`` (a Hugging
 Face ``save_to_disk`` folder of Arrow stream files).
 
-Memory stays bounded whatever the input: JSONL lines are read with a length limit and a line longer than the
-source's ``max_doc_bytes`` is skipped in small chunks, never held whole; Parquet and Arrow are read batch by
+Memory stays bounded whatever the input: JSONL lines are read with a length limit and a line far longer than
+the source's ``max_doc_bytes`` is skipped in small chunks, never held whole; Parquet and Arrow are read batch by
 batch. A plain JSONL file larger than ``unit_bytes`` is split into byte ranges: a range owns the lines that
 *start* inside it, so each line belongs to exactly one range, and a document's id does not depend on how the
 file was split.
@@ -125,6 +125,11 @@ _ROUTINE_FILE_SKIPS = frozenset({"not_data", "other_extension"})
 _SKIP_HINT = "or set the source's on_error: skip to count and skip such records"
 _MAX_EXAMPLES = 5
 _DISCARD_CHUNK = 64 * 1024
+# A JSONL line may be this many times max_doc_bytes (plus the slack, for other fields) before it is skipped
+# unread: a \uXXXX escape takes 6 bytes for a character of 1 to 3 UTF-8 bytes (a surrogate pair 12 for 4),
+# so a text within max_doc_bytes fits unless it is mostly escaped control characters.
+_RAW_LINE_FACTOR = 4
+_RAW_LINE_SLACK = 64 * 1024
 _BATCH_ROWS = 1024
 # Reasons that are listed in `ReadStats.examples` (the others, `empty` and `filtered`, are routine).
 _EXAMPLE_REASONS = frozenset(
@@ -712,6 +717,22 @@ def _valid_utf8(text: str) -> bool:
     return True
 
 
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def _json_type(value: Any) -> str:
+    """A value's type as JSON names it (`null`, not `NoneType`)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _parse_line(line: bytes, first: bool, src: SourceConfig, text_field: str) -> tuple[str, Any] | None:
     """The text of one JSONL record and its id field, or None when `where` leaves it out; raises `_Bad`."""
     try:
@@ -735,26 +756,31 @@ def _parse_line(line: bytes, first: bool, src: SourceConfig, text_field: str) ->
     if not isinstance(record, dict):
         raise _Bad(
             "malformed_json",
-            f"a JSON {type(record).__name__}, not an object; each line must be one JSON object, "
-            + _SKIP_HINT,
+            f"a JSON {_json_type(record)}, not an object; each line must be one JSON object, " + _SKIP_HINT,
             "not an object",
         )
     if src.where and not _where_matches(record, src.where):
         return None
     text = _lookup(record, text_field)
     if not isinstance(text, str):
-        got = "missing" if text is _MISSING else f"a JSON {type(text).__name__}"
+        got = "missing" if text is _MISSING else f"a JSON {_json_type(text)}"
         raise _Bad(
             "missing_field",
             f"no string field {text_field!r} ({got}; set the source's text_field to the field that holds the "
             "document, " + _SKIP_HINT + ")",
             f"{text_field!r} {got}",
         )
-    if (b"\\ud" in line or b"\\uD" in line) and not _valid_utf8(text):
-        raise _Bad(
-            "not_utf8", "the text has an unpaired surrogate escape (\\ud8xx); fix the line, " + _SKIP_HINT
-        )
-    return text, record.get("id")
+    doc_id = record.get("id")
+    if b"\\ud" in line or b"\\uD" in line:  # only a \u escape can give a lone surrogate
+        for what, value in (("text", text), ("id", doc_id)):
+            if isinstance(value, str) and not _valid_utf8(value):
+                raise _Bad(
+                    "not_utf8",
+                    f"the {what} has an unpaired surrogate escape (\\ud800-\\udfff); fix the line, "
+                    + _SKIP_HINT,
+                    f"{what} has a lone surrogate",
+                )
+    return text, doc_id
 
 
 def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Document]:
@@ -762,6 +788,9 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
     name = unit.name or path.name
     text_field = src.text_field or DEFAULT_TEXT_FIELD["jsonl"]
     limit = src.max_doc_bytes
+    # max_doc_bytes counts the text's UTF-8 bytes (as for Parquet), measured once the line is parsed; a
+    # longer raw line (escapes, other fields) is skipped unread, never held whole.
+    line_limit = _RAW_LINE_FACTOR * limit + _RAW_LINE_SLACK
     compressed = _compression(path) is not None
     if compressed and (unit.start or unit.end is not None):
         raise DataError(f"{path}: a compressed file cannot be read in byte ranges")
@@ -775,9 +804,14 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
         return f"{path}:{base + count + 1}"
 
     try:
+        empty = compressed and path.stat().st_size == 0
         f, at_end = _open_jsonl(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot open ({exc})") from None
+    if empty:  # gzip and zstd read 0 bytes as an empty stream; even an empty text compresses to a header
+        f.close()
+        _bad(src, stats, str(path), _truncated("the compressed file is empty (0 bytes)"))
+        return
     with f:
         offset = 0
         if unit.start > 0:
@@ -785,7 +819,7 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
             offset = unit.start - 1 + _discard_line(f)
         first_offset = offset
         try:
-            for line_offset, line in _lines(f, first_offset, limit, at_end):
+            for line_offset, line in _lines(f, first_offset, line_limit, at_end):
                 if unit.end is not None and line_offset >= unit.end:
                     break
                 try:
@@ -799,6 +833,9 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
                         stats.skip("filtered")
                         continue
                     text, doc_id = parsed
+                    if _utf8_over(text, limit):
+                        stats.skip("too_large", where(), f"over max_doc_bytes={limit}")
+                        continue
                     if not text.strip():
                         stats.skip("empty")
                         continue
@@ -813,10 +850,10 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
             _bad(src, stats, str(path), _corrupt("JSONL", exc))
 
 
-def _truncated() -> _Bad:
+def _truncated(what: str = "the compressed file ends early") -> _Bad:
     return _Bad(
         "truncated_file",
-        "the compressed file ends early (truncated download or still being written); download it again, "
+        f"{what} (truncated download or still being written); download it again, "
         "or set the source's on_error: skip to keep the documents before the cut",
     )
 
@@ -833,13 +870,31 @@ def _corrupt(what: str, exc: BaseException) -> _Bad:
 # Parquet and Arrow ------------------------------------------------------------------------------------
 
 
+# The end-of-stream marker a complete Arrow IPC stream ends with (continuation token, then length 0).
+_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+class _ArrowTruncated(EOFError):
+    pass
+
+
+def _stream_batches(reader: Any, path: Path) -> Iterator[pa.RecordBatch]:
+    """The batches of an Arrow stream, then a check that it was complete: a stream cut at a batch boundary
+    reads without error, only the end-of-stream marker tells it was cut."""
+    yield from reader
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - len(_ARROW_EOS)))
+        if f.read() != _ARROW_EOS:
+            raise _ArrowTruncated
+
+
 def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterable[pa.RecordBatch], Any]:
     """Schema, batches and the open memory map of an Arrow stream file (as `save_to_disk` writes) or file."""
     source = pa.memory_map(str(path))
     try:
         try:
             reader: Any = pa.ipc.open_stream(source)
-            return reader.schema, reader, source
+            return reader.schema, _stream_batches(reader, path), source
         except pa.ArrowInvalid:
             source.seek(0)
         reader = pa.ipc.open_file(source)
@@ -847,6 +902,15 @@ def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterable[pa.RecordBatch], Any
     except BaseException:
         source.close()
         raise
+
+
+def _is_bytes_like(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
 
 
 def _utf8_over(text: str, limit: int) -> bool:
@@ -908,6 +972,8 @@ def _read_columnar(unit: Unit, src: SourceConfig, fmt: str, stats: ReadStats) ->
                     batch, row, src, stats, text_field, text_col, where_cols, unit.name or path.name, path
                 )
                 row += batch.num_rows
+        except _ArrowTruncated:
+            _bad(src, stats, f"{path}: row {row}", _truncated("the Arrow stream ends without its end marker"))
         except (OSError, EOFError, pa.ArrowException) as exc:
             _bad(src, stats, f"{path}: row {row}", _corrupt(what, exc))
 
@@ -927,18 +993,24 @@ def _batch_documents(
     column = batch.column(names.index(text_col))
     limit = src.max_doc_bytes
     too_large: list[bool] | None = None
-    if text_col == text_field and (
-        pa.types.is_string(column.type)
-        or pa.types.is_large_string(column.type)
-        or pa.types.is_binary(column.type)
-        or pa.types.is_large_binary(column.type)
-    ):
+    if text_col == text_field and _is_bytes_like(column.type):
         # Measure before converting, so a huge cell is not copied into a Python string.
-        big = pc.greater(pc.binary_length(column), limit)
-        big = pc.fill_null(big, False)
+        big = pc.fill_null(pc.greater(pc.binary_length(column), limit), False)
         if pc.any(big).as_py():
             too_large = big.to_pylist()
             column = pc.if_else(big, pa.scalar(None, column.type), column)
+    elif (
+        text_col == text_field
+        and pa.types.is_dictionary(column.type)
+        and _is_bytes_like(column.type.value_type)
+    ):
+        # A dictionary-encoded column: measure (and blank) the dictionary's values, then map them to rows.
+        values = column.dictionary
+        big_values = pc.fill_null(pc.greater(pc.binary_length(values), limit), False)
+        if pc.any(big_values).as_py():
+            too_large = pc.fill_null(pc.take(big_values, column.indices), False).to_pylist()
+            values = pc.if_else(big_values, pa.scalar(None, values.type), values)
+            column = pa.DictionaryArray.from_arrays(column.indices, values)
     texts = column.to_pylist()
     del column
     if text_col != text_field:
