@@ -127,3 +127,59 @@ def test_retention_and_guard_settings_are_checked(recipe_dict, key, value, messa
     d["train"][key] = value
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("chunk_chars", -100),
+        ("chunk_chars", 0),
+        ("mixture_block", 0),
+        ("mixture_block", -3),
+        ("unit_bytes", 0),
+        ("workers", 0),
+    ],
+)
+def test_data_sizes_must_be_positive_and_the_key_is_named(recipe_dict, key, value):
+    d = copy.deepcopy(recipe_dict)
+    d["data"][key] = value
+    with pytest.raises(RecipeError, match=rf"r\.yaml: data\.{key}: must be a positive integer.*got {value}"):
+        recipe_from_dict(d, "r.yaml")
+    d["data"][key] = 1
+    recipe_from_dict(d, "r.yaml")
+
+
+def test_duplicate_yaml_key_is_named_with_its_lines(tmp_path):
+    good = (REPO / "recipes" / "tiny.yaml").read_text()
+    assert load_recipe(REPO / "recipes" / "tiny.yaml")
+    lines = good.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("seed:"))
+    lines.insert(at + 1, "seed: 7")  # the same top-level key again, one line below
+    path = tmp_path / "dup.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        RecipeError,
+        match=rf"dup\.yaml: .*line {at + 2}: duplicate key 'seed' \(first given at line {at + 1}\)",
+    ):
+        load_recipe(path)
+    # A YAML merge (`<<: *base`) may still override keys.
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  x: 3\n")
+    import yaml
+
+    from crystal_lm.config import _UniqueKeyLoader
+
+    assert yaml.load(merged.read_text(), Loader=_UniqueKeyLoader)["b"] == {"x": 3, "y": 2}
+
+
+def test_glob_with_a_wildcard_folder_passes_the_path_check(recipe_dict, tmp_path):
+    for part in ("a", "b"):
+        (tmp_path / "globdir" / part).mkdir(parents=True)
+        (tmp_path / "globdir" / part / "part.jsonl").write_text('{"text": "x"}\n')
+    for pattern in ("globdir/*/part.jsonl", "**/*.jsonl", "globdir/*"):
+        d = copy.deepcopy(recipe_dict)
+        d["data"]["sources"]["mine"] = {"domain": "text", "path": str(tmp_path / pattern)}
+        check_paths(recipe_from_dict(d, "r.yaml"))
+    d["data"]["sources"]["mine"] = {"domain": "text", "path": str(tmp_path / "globdir" / "*" / "none.jsonl")}
+    with pytest.raises(RecipeError, match=r"data\.sources\.mine\.path: no files match .*none\.jsonl"):
+        check_paths(recipe_from_dict(d, "r.yaml"))

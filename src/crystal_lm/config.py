@@ -419,6 +419,17 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: must be positive, got {value}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise RecipeError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    # Sizes the data pipeline divides or loops by: zero or negative would hang or crash it.
+    for key, value, none_means in (
+        ("data.unit_bytes", d.unit_bytes, ""),
+        ("data.mixture_block", d.mixture_block, ""),
+        ("data.chunk_chars", d.chunk_chars, " (or null to tokenize each document whole)"),
+        ("data.workers", d.workers, " (or null for one per core)"),
+        ("data.tokenizer.vocab_size", d.tokenizer.vocab_size, ""),
+        ("data.tokenizer.sample_bytes", d.tokenizer.sample_bytes, ""),
+    ):
+        if value is not None and value < 1:
+            raise RecipeError(f"{key}: must be a positive integer{none_means}, got {value}")
     if m.d_model % m.n_heads:
         raise RecipeError(f"model.n_heads: {m.n_heads} does not divide model.d_model {m.d_model}")
     if m.rotary_dim % 2:
@@ -496,7 +507,17 @@ def check_paths(recipe: Recipe) -> None:
         if src.path is None:
             continue
         p = recipe.resolve_path(src.path)
-        if not any(p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else not p.exists():
+        if any(c in str(p) for c in "*?["):  # a wildcard in any part: matched as the reader matches it
+            from crystal_lm.data.documents import DataError
+            from crystal_lm.data.readers import _expand
+
+            try:
+                _expand(p)
+            except DataError:
+                raise RecipeError(
+                    f"{recipe.source_file}: data.sources.{name}.path: no files match {p}"
+                ) from None
+        elif not p.exists() and not p.is_symlink():  # a dangling link is named by the reader
             raise RecipeError(f"{recipe.source_file}: data.sources.{name}.path: {p} does not exist")
     tok = recipe.data.tokenizer.path
     if tok is not None and not recipe.resolve_path(tok).is_file():
@@ -516,12 +537,38 @@ def recipe_from_dict(data: Any, source_file: str | None = None) -> Recipe:
     return recipe
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override keys: allowed
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKeyError(
+                        f"line {line}: duplicate key {key!r} (first given at line {first[key]}); "
+                        "YAML would keep only the last value: remove one of them"
+                    )
+                first[key] = line
+            except TypeError:  # an unhashable key: the base loader reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     return recipe_from_dict(data, str(path))
