@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crystal_lm.eval.code import load_benchmark
+from crystal_lm.eval.code import CodeTask, load_benchmark
 from crystal_lm.eval.code_generation import (
     CodeSettings,
     _finish_middle,
@@ -13,6 +13,8 @@ from crystal_lm.eval.code_generation import (
     generate_completions,
 )
 from crystal_lm.eval.generate import Sampling, generate, infill, load_checkpoint
+
+from .test_generate import Scripted, make_spm_tok
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,26 @@ def test_infill_prompts_match_the_cli_infill_and_middles_join_the_suffix(final_m
     assert middle == _finish_middle(alone, single_line=False)
     assert _finish_middle("a = 1\nb = 2", single_line=True) == "a = 1\n"
     assert _finish_middle("return x", single_line=False) == "return x\n"
+
+
+def test_completion_keeps_its_indentation_with_a_sentencepiece_tokenizer(tmp_path, monkeypatch):
+    """With Crystal's kind of tokenizer a completion decoded alone lost its first space: 3-space bodies."""
+    import crystal_lm.eval.code_generation as cg
+
+    tok = make_spm_tok(tmp_path)
+    task = CodeTask("T/0", "def f(x):\n", "", "    return x\n", "assert f(1) == 1")
+    monkeypatch.setattr(cg, "load_benchmark", lambda name: [task])
+    body = "    return x\n"
+    whole, head = tok.encode(task.prompt + body + "\ndef g(x):"), tok.encode(task.prompt)
+    assert whole[: len(head)] == head
+    model = Scripted(whole[len(head) :], tok.eos_id, tok.vocab_size, max_seq_len=256)
+    assert generate_completions(model, tok, "humaneval", CodeSettings(max_new_tokens=40)) == [("T/0", body)]
+    assert model.calls < 40  # the stop sequence ended it
+
+
+def test_a_sample_does_not_depend_on_the_batch_size(final_model):
+    model, tok = final_model
+    settings = CodeSettings(temperature=0.8, n=3, max_new_tokens=8)
+    a = generate_completions(model, tok, "mbpp", settings, limit=2, batch_size=4, seed=5)
+    assert a == generate_completions(model, tok, "mbpp", settings, limit=2, batch_size=3, seed=5)
+    assert len({text for _, text in a[:3]}) > 1  # the n samples of a problem differ

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
-from crystal_lm.eval.generate import Sampling, generate, generate_ids, infill, load_checkpoint
+import pytest
+import torch
+
+from crystal_lm.data.tokenizer import Tokenizer
+from crystal_lm.eval.generate import (
+    Sampling,
+    generate,
+    generate_batch,
+    generate_ids,
+    infill,
+    load_checkpoint,
+)
 from crystal_lm.eval.validation import validation_indices, validation_loss
 from crystal_lm.train.checkpoint import CheckpointError
 
@@ -43,13 +54,13 @@ def test_infill_prompts_through_fim_tokens(trained_run, monkeypatch):
     seen = {}
     import crystal_lm.eval.generate as g
 
-    real = g.generate_ids
+    real = g.generate_batch
 
-    def spy(model, prompt, sampling, stop_ids):
-        seen["prompt"], seen["stops"] = prompt, stop_ids
-        return real(model, prompt, sampling, stop_ids)
+    def spy(model, prompts, sampling, stop_ids, **kw):
+        seen["prompt"], seen["stops"] = prompts[0], stop_ids
+        return real(model, prompts, sampling, stop_ids, **kw)
 
-    monkeypatch.setattr(g, "generate_ids", spy)
+    monkeypatch.setattr(g, "generate_batch", spy)
     middle = infill(model, tok, "def add(a, b):\n    ", "\n", Sampling(max_new_tokens=8, temperature=0))
     p = seen["prompt"]
     assert p[0] == tok.fim_prefix_id and p[1] == tok.bos_id and p[-1] == tok.fim_middle_id
@@ -70,3 +81,96 @@ def test_validation_indices_are_fixed_and_spread():
     assert validation_indices(5, 8) == [0, 1, 2, 3, 4]
     idx = validation_indices(1000, 10)
     assert len(idx) == 10 and idx[0] == 0 and idx[-1] == 999
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model whose greedy choice is `script[k]` at its k-th call, then `after` (for tests of
+    the text around the ids, independent of what a trained model says)."""
+
+    def __init__(self, script: list[int], after: int, vocab: int, max_seq_len: int = 64) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(1, 1)
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.script, self.after, self.vocab, self.calls = script, after, vocab, 0
+
+    def forward(self, tokens, cache=None, positions=None, mask=None):
+        t = self.script[self.calls] if self.calls < len(self.script) else self.after
+        self.calls += 1
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+        logits[..., t] = 1.0
+        return logits
+
+
+def make_spm_tok(folder) -> Tokenizer:
+    """A SentencePiece-style tokenizer (LLaMA's and Crystal's kind: its decoder strips one leading space)."""
+    from ..data.test_tokenizer import _llama_like_tokenizer
+
+    return Tokenizer(_llama_like_tokenizer(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def spm_tok(tmp_path_factory) -> Tokenizer:
+    return make_spm_tok(tmp_path_factory.mktemp("spm"))
+
+
+def test_continuation_keeps_its_leading_space_with_a_sentencepiece_tokenizer(spm_tok):
+    tok = spm_tok
+    whole, head = tok.encode("ab cd"), tok.encode("ab")
+    assert whole[: len(head)] == head
+    greedy = Sampling(max_new_tokens=10, temperature=0)
+    model = Scripted(whole[len(head) :], tok.eos_id, tok.vocab_size)
+    assert generate(model, tok, "ab", greedy) == " cd"
+    # A stop string is matched in the text as printed (with the space).
+    model = Scripted(whole[len(head) :], tok.eos_id, tok.vocab_size)
+    assert generate(model, tok, "ab", Sampling(max_new_tokens=10, temperature=0, stop=(" c",))) == ""
+    # A middle was encoded alone in training (data/fim.py), dummy "▁" included: it decodes alone.
+    model = Scripted(tok.encode(" cd"), tok.eos_id, tok.vocab_size)
+    assert infill(model, tok, "ab", "\n", greedy) == " cd"
+
+
+def test_stop_string_ends_generation_early(spm_tok):
+    tok = spm_tok
+    script = tok.encode("x ab\n\ncd ef gh")[len(tok.encode("x")) :]
+    model = Scripted(script, tok.eos_id, tok.vocab_size)
+    s = Sampling(max_new_tokens=30, temperature=0, stop=("\n\n",))
+    assert generate(model, tok, "x", s) == " ab"
+    assert model.calls <= len(tok.encode("x ab\n\n")) + 1  # not all 30 steps
+    model = Scripted(tok.encode("ab\n\ncd ef gh"), tok.eos_id, tok.vocab_size)
+    assert infill(model, tok, "x", "y", s) == "ab" and model.calls <= len(tok.encode("ab\n\n")) + 1
+
+
+def test_sampled_row_is_the_same_alone_and_in_any_batch(trained_run):
+    _, run_dir, _ = trained_run
+    model, tok = load_checkpoint(run_dir)
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("def main(", "import os\n", "The ")]
+    s = Sampling(max_new_tokens=10, temperature=1.0, top_k=None, top_p=None, seed=7)
+    batch = generate_batch(model, prompts, s, set(), pad_id=tok.eos_id)
+    alone = [generate_batch(model, [p], s, set())[0] for p in prompts]
+    assert batch == alone
+    assert generate(model, tok, ["def main(", "The "], s)[1] == generate(model, tok, "The ", s)
+    # Own seeds per row: the same prompt twice in a batch gives two samples.
+    twice = generate_batch(model, prompts[:1] * 2, s, set(), seeds=[1, 2])
+    assert twice[0] != twice[1]
+
+
+def test_each_row_gets_its_room_next_to_a_long_prompt(trained_run):
+    _, run_dir, _ = trained_run
+    model, tok = load_checkpoint(run_dir)
+    limit = model.cfg.max_seq_len
+    long_prompt, short = [tok.bos_id] * (limit - 4), [tok.bos_id, *tok.encode("import os\n")]
+    greedy = Sampling(max_new_tokens=10, temperature=0)
+    out = generate_batch(model, [long_prompt, short], greedy, set(), pad_id=tok.eos_id)
+    assert [len(o) for o in out] == [4, 10]
+    assert out[1] == generate_batch(model, [short], greedy, set())[0]
+    with pytest.raises(ValueError, match=f"prompt 2 is .* context is {limit}"):
+        generate(model, tok, ["x", "y " * limit], greedy, strict=True)
+
+
+def test_bad_sampling_settings_are_named():
+    for kw, name in (
+        (dict(top_k=-5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1), "temperature"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            Sampling(**kw)

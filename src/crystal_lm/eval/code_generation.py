@@ -15,9 +15,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.eval.code import CRYSTAL_SETTINGS, STOP_SEQUENCES, CodeTask, load_benchmark, score
-from crystal_lm.eval.generate import Sampling, cut_at_stop, fim_prompt, fim_stop_ids, generate_batch
+from crystal_lm.eval.generate import (
+    Sampling,
+    cut_at_stop,
+    decode_continuation,
+    fim_prompt,
+    fim_stop_ids,
+    generate_batch,
+)
 from crystal_lm.model import CrystalModel
 
 INFILL = ("humaneval-infill-single", "humaneval-infill-multi")
@@ -76,11 +85,15 @@ def generate_completions(
     else:
         stop_ids, stops = {tok.eos_id}, STOP_SEQUENCES
 
-    def finished(ids: list[int]) -> bool:
-        text = tok.decode(ids, skip_special_tokens=True)
-        return any(s in text for s in stops)
-
     rows = [(t, _prompt(t, tok, infill, settings.fim_mode)) for t in tasks for _ in range(settings.n)]
+
+    def completion(prompt: list[int], new: list[int]) -> str:
+        # A middle was a separate piece in training (its SentencePiece dummy "▁" is dropped by decoding it
+        # alone); a completion continues the prompt, so decode it in context to keep its leading spaces.
+        if infill:
+            return tok.decode(new, skip_special_tokens=True)
+        return decode_continuation(tok, prompt, new)
+
     out: list[tuple[str, str]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -89,8 +102,12 @@ def generate_completions(
             temperature=settings.temperature,
             top_k=None,
             top_p=settings.top_p,
-            seed=seed + start,  # each chunk its own stream: any chunk can be regenerated alone
         )
+
+        def finished(i: int, new: list[int], chunk=chunk) -> bool:
+            text = completion(chunk[i][1], new)
+            return any(s in text for s in stops)
+
         ids = generate_batch(
             model,
             [p for _, p in chunk],
@@ -98,9 +115,14 @@ def generate_completions(
             stop_ids,
             pad_id=tok.eos_id,
             finished=finished if stops else None,
+            # One stream per sample: any sample can be regenerated alone, with any batch size, and the
+            # n samples of a problem differ. (torch keeps only 32 bits of a CPU seed, so mix them here.)
+            seeds=[
+                int(np.random.SeedSequence((seed, start + j)).generate_state(1)[0]) for j in range(len(chunk))
+            ],
         )
-        for (task, _), row in zip(chunk, ids, strict=True):
-            text = tok.decode(row, skip_special_tokens=True)
+        for (task, prompt), row in zip(chunk, ids, strict=True):
+            text = completion(prompt, row)
             text = _finish_middle(text, benchmark.endswith("single")) if infill else cut_at_stop(text, stops)
             out.append((task.task_id, text))
         if progress:
