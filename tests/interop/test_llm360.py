@@ -180,12 +180,17 @@ def test_transformers_generate_matches_ours_with_cache_and_left_padding(llm360_d
     assert alone[0, len(prompts[1]) :].tolist() == ours_out[1]  # the padded row is unaffected by padding
 
 
-def test_folded_mup_export_computes_the_same_function(llm360_dir, tmp_path):
+@pytest.mark.parametrize("qk_by_d", [True, False])
+def test_folded_mup_export_computes_the_same_function(tmp_path, qk_by_d):
     from transformers import AutoModelForCausalLM
 
     import crystal_lm.interop.hf_model  # noqa: F401
 
-    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    # qk_by_d False: muP multipliers with standard 1/sqrt(d_head) attention, whose keys must not be folded.
+    config = _llm360_config(mup_scale_qk_dot_by_d=qk_by_d)
+    ckpt = import_hf(
+        _write_llm360_bin_shards(tmp_path / "llm360", _llm360_tensors(), config=config), tmp_path / "ckpt"
+    )
     export_hf(ckpt, tmp_path / "mup")
     folded = export_hf(ckpt, tmp_path / "sp", fold=True)
     config = json.loads((folded / "config.json").read_text())

@@ -221,13 +221,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
 
 def fold_mup(tensors: dict[str, torch.Tensor], model: ModelConfig, mup: MupConfig):
     """Standard-parametrisation tensors computing the same function (crystal-spec §1.5): untied head with the
-    logit multiplier folded in, embeddings ×α_in, keys ÷ sqrt(d_head) so 1/sqrt(d_head) attention gives q·k/d_head."""
+    logit multiplier folded in, embeddings ×α_in, and, when attention is muP's q·k/d_head, keys ÷ sqrt(d_head)
+    so standard 1/sqrt(d_head) attention gives the same scores."""
     out = dict(tensors)
     wte = tensors["transformer.wte.weight"]
     out["lm_head.weight"] = (wte.double() * (mup.output_alpha * mup.base_width / model.d_model)).to(wte.dtype)
     out["transformer.wte.weight"] = (wte.double() * mup.embeddings_scale).to(wte.dtype)
     d, k_scale = model.d_model, 1.0 / math.sqrt(model.head_dim)
-    for i in range(model.n_layers):
+    # Attention already 1/sqrt(d_head) (qk_scale "sqrt_d_head"): the keys stay as they are.
+    for i in range(model.n_layers if model.qk_scale == "d_head" else 0):
         for kind in ("weight", "bias"):
             name = f"transformer.h.{i}.attn.c_attn.{kind}"
             t = tensors[name].double().clone()
