@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -297,6 +298,12 @@ def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: l
         with open(root / "units" / r["key"] / "train" / "documents.jsonl") as f:
             candidates += [(id_hash(d["id"]), d["id"], k) for d in map(json.loads, f)]
     if len(candidates) < 2:
+        return records
+    # Holding out an id all the documents share would leave nothing to train on.
+    shared = Counter(doc_id for _, doc_id, _ in candidates)
+    candidates = [c for c in candidates if shared[c[1]] < len(candidates)]
+    if not candidates:
+        log.warning("%s: no validation documents: all documents share one id", spec.source)
         return records
     _, doc_id, k = min(candidates)
     shutil.rmtree(root / "units" / units[k].key)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from crystal_lm.config import Recipe, RecipeError, check_paths
 from crystal_lm.data.build import (
+    MIN_DOC_TOKENS,
+    SPLITS,
     BuildSpec,
     build_units,
     ensure_validation,
@@ -26,7 +28,7 @@ from crystal_lm.data.build import (
 from crystal_lm.data.corpus import EmbeddedCorpus, build_embedded_corpus
 from crystal_lm.data.documents import iter_source, source_fingerprint
 from crystal_lm.data.readers import Unit, detect_format, list_units
-from crystal_lm.data.shards import ShardSet, token_dtype
+from crystal_lm.data.shards import ShardError, ShardSet, token_dtype
 from crystal_lm.data.tokenizer import Tokenizer, padded_vocab_size, train_bpe
 from crystal_lm.train.metrics import count_progress
 
@@ -50,7 +52,11 @@ class PreparedData:
             },
             "corpus": self.corpus.manifest if self.corpus else None,
             "sources": {
-                name: {"train": _shard_summary(self.train[name]), "val": _shard_summary(self.val[name])}
+                name: {
+                    "train": _shard_summary(self.train[name]),
+                    "val": _shard_summary(self.val[name]),
+                    **_read_summary(self.train[name]),
+                }
                 for name in self.train
             },
         }
@@ -63,6 +69,15 @@ def _shard_summary(s: ShardSet) -> dict:
         "tokens": s.n_tokens,
         "documents": s.index["n_documents"],
         "shards": [{"file": x["file"], "sha256": x["sha256"]} for x in s.index["shards"]],
+    }
+
+
+def _read_summary(s: ShardSet) -> dict:
+    """What reading the source left out, per reason (the same in both splits' indexes)."""
+    return {
+        "skipped": s.index.get("skipped", {}),
+        "dropped_short_documents": s.index.get("dropped_short_documents", 0),
+        "skip_examples": s.index.get("skip_examples", [])[:5],
     }
 
 
@@ -191,17 +206,39 @@ def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -
     records = ensure_validation(
         spec, units, root, build_units(spec, units, root, recipe.data.workers, progress)
     )
+    where = f"{recipe.source_file}: data.sources.{name}"
     if not any(r["splits"][s]["documents"] for r in records for s in ("train", "val")):
-        skipped = (
-            ", ".join(f"{k} {v}" for k, v in total_counts(r["skipped"] for r in records).items())
-            or "none skipped"
-        )
+        left_out = [f"{k} {v}" for k, v in total_counts(r["skipped"] for r in records).items()]
+        short = sum(r["dropped_short_documents"] for r in records)
+        if short:  # not a recipe key: Crystal's fixed rule
+            left_out.append(
+                f"{short} shorter than {MIN_DOC_TOKENS} tokens, always dropped (crystal_lm.data.build."
+                "MIN_DOC_TOKENS); check that the source's text_field holds whole documents"
+            )
+        read = sum(r["documents_read"] for r in records)
         raise RecipeError(
-            f"{recipe.source_file}: data.sources.{name}: the source has no usable documents ({skipped})"
+            f"{where}: the source has no usable documents ({read} read; left out: "
+            f"{'; '.join(left_out) or 'none'})"
+        )
+    if not any(r["splits"]["train"]["documents"] for r in records):
+        ids = set()
+        for r in records:
+            with open(root / "units" / r["key"] / "val" / "documents.jsonl") as f:
+                ids.update(json.loads(line)["id"] for line in f)
+        n = sum(r["splits"]["val"]["documents"] for r in records)
+        raise RecipeError(
+            f"{where}: all {n} documents went to validation, none to training: the split is chosen by a hash "
+            f"of each document's id, and they have {len(ids)} distinct id(s) (e.g. {min(ids)!r}); give each "
+            "document its own `id` (or leave the field out: the file and position then name it), or lower "
+            f"data.val_fraction ({recipe.data.val_fraction})"
         )
     meta = {"source": name, "domain": spec.domain, "format": spec.fmt}
     finalize(root, records, recipe.data.seq_len, tok.sha256, token_dtype(vocab).str, meta)
     shutil.rmtree(root / "units", ignore_errors=True)  # the split folders hold links to every shard
+
+
+def _open_splits(sp: SourcePlan, tok: Tokenizer) -> tuple[ShardSet, ShardSet]:
+    return tuple(ShardSet(sp.root / s, expect_tokenizer=tok.sha256) for s in SPLITS)  # type: ignore[return-value]
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
@@ -211,12 +248,19 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     tok = plan.tokenizer
     train, val = {}, {}
     for name, sp in plan.sources.items():
-        if not sp.done:
+        if sp.done:
+            try:  # sizes and hashes are checked: damaged shards (a cut copy, a bad disk) are rebuilt
+                train[name], val[name] = _open_splits(sp, tok)
+            except ShardError as exc:
+                log.warning("source %s: %s; rebuilding %s", name, exc, sp.root)
+                shutil.rmtree(
+                    sp.root / "units", ignore_errors=True
+                )  # unit shards are links to the same files
+        if name not in train:
             t0 = time.time()
             build_source(recipe, sp, tok, plan.vocab_size)
             log.info("packed source %s in %.1fs", name, time.time() - t0)
-        train[name] = ShardSet(sp.root / "train", expect_tokenizer=tok.sha256)
-        val[name] = ShardSet(sp.root / "val", expect_tokenizer=tok.sha256)
+            train[name], val[name] = _open_splits(sp, tok)
         if len(train[name]) == 0:
             raise RecipeError(f"{recipe.source_file}: data.sources.{name}: no training samples after packing")
     return PreparedData(tok, train, val, plan.corpus)

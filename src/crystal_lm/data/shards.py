@@ -28,6 +28,11 @@ class ShardError(RuntimeError):
     pass
 
 
+# What `ShardSet` reads from an index and from each of its shards.
+_INDEX_KEYS = ("format_version", "tokenizer_sha256", "seq_len", "dtype", "n_tokens", "shards")
+_SHARD_KEYS = ("file", "bytes", "sha256", "n_samples", "last_valid")
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
@@ -164,7 +169,14 @@ class ShardSet:
         index_path = self.dir / "index.json"
         if not index_path.is_file():
             raise ShardError(f"{self.dir}: no index.json (not a shard directory, or an unfinished build)")
-        self.index = json.loads(index_path.read_text())
+        rebuild = f"delete {self.dir} and run `crystal data prepare` again to rebuild it"
+        try:
+            self.index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{index_path}: unreadable shard index ({exc}); {rebuild}") from None
+        missing = [k for k in _INDEX_KEYS if not isinstance(self.index, dict) or k not in self.index]
+        if missing:
+            raise ShardError(f"{index_path}: not a complete shard index (no {', '.join(missing)}); {rebuild}")
         if self.index.get("format_version") != FORMAT_VERSION:
             raise ShardError(
                 f"{index_path}: format version {self.index.get('format_version')} is not "
@@ -180,17 +192,21 @@ class ShardSet:
         self.maps: list[np.ndarray] = []
         self.offsets = [0]
         self.last_valid: list[int] = []
-        for shard in self.index["shards"]:
+        for k, shard in enumerate(self.index["shards"]):
+            if not isinstance(shard, dict) or any(key not in shard for key in _SHARD_KEYS):
+                raise ShardError(
+                    f"{index_path}: shards[{k}] lacks one of {', '.join(_SHARD_KEYS)}; {rebuild}"
+                )
             path = self.dir / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise ShardError(f"{path}: missing or truncated (expected {shard['bytes']} bytes); rebuild")
+                raise ShardError(f"{path}: missing or truncated (expected {shard['bytes']} bytes); {rebuild}")
             if verify:
                 with open(path, "rb") as f:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
                 if digest != shard["sha256"]:
                     raise ShardError(
                         f"{path}: sha256 {digest[:16]}… does not match the index "
-                        f"({shard['sha256'][:16]}…): the shard is corrupt; rebuild it"
+                        f"({shard['sha256'][:16]}…): the shard is corrupt; {rebuild}"
                     )
             self.maps.append(
                 np.memmap(path, dtype=dtype, mode="r", shape=(shard["n_samples"], self.seq_len + 1))
