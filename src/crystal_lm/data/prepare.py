@@ -33,7 +33,7 @@ from crystal_lm.data.tokenizer import Tokenizer, padded_vocab_size, train_bpe
 from crystal_lm.train.metrics import count_progress
 
 log = logging.getLogger(__name__)
-SHARD_BUILD_VERSION = 3
+SHARD_BUILD_VERSION = 4  # 4: readers account for every file, JSONL max_doc_bytes on text bytes
 
 
 @dataclass
