@@ -138,7 +138,10 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
+        # Floor, but a fraction stored from a whole rotary_dim (30 / 88, say) comes back as that number: it
+        # lands a rounding error below it (29.999...), which plain int() would cut to 29.
+        exact = self.head_dim * self.rotary_pct
+        return round(exact) if abs(exact - round(exact)) < 1e-6 else int(exact)
 
 
 @dataclass
@@ -432,8 +435,11 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: must be a positive integer{none_means}, got {value}")
     if m.d_model % m.n_heads:
         raise RecipeError(f"model.n_heads: {m.n_heads} does not divide model.d_model {m.d_model}")
-    if m.rotary_dim % 2:
-        raise RecipeError(f"model.rotary_pct: rotary dims per head ({m.rotary_dim}) must be even")
+    if m.rotary_dim % 2 or not 0 <= m.rotary_pct <= 1:
+        raise RecipeError(
+            f"model.rotary_pct: {m.rotary_pct} gives {m.rotary_dim} rotary dims per head; they must be even "
+            f"and at most the head dim {m.head_dim} (rotary_pct between 0 and 1)"
+        )
     if d.seq_len > m.max_seq_len:
         raise RecipeError(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
     mb = recipe.train.micro_batch_size

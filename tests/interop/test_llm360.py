@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crystal_lm.config import load_recipe
+from crystal_lm.config import ModelConfig, MupConfig, load_recipe
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.eval.generate import Sampling, generate_batch, load_checkpoint
 from crystal_lm.interop.llm360 import (
@@ -20,7 +20,7 @@ from crystal_lm.interop.llm360 import (
     to_hf_config,
 )
 from crystal_lm.model import build_model, count_parameters
-from crystal_lm.train.checkpoint import load_tensors
+from crystal_lm.train.checkpoint import load_model_weights, load_tensors
 
 from ..conftest import REPO
 from ..model.test_model import reference_forward
@@ -213,6 +213,62 @@ def test_7b_shape_survives_config_round_trip(tmp_path):
     model_cfg, mup = from_hf_config(json.loads(json.dumps(hf)))
     assert count_parameters(build_model(model_cfg, mup, device="meta")) == 6_575_278_720
     assert model_cfg == recipe.model and mup.base_width == 256
+
+
+def test_a_config_without_mup_or_rotary_keys_reads_the_same_in_import_and_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import crystal_lm.interop.hf_model  # noqa: F401
+
+    cfg = _llm360_config()
+    for key in ("mup_scale_qk_dot_by_d", "mup_embeddings_scale", "mup_output_alpha", "mup_width_scale"):
+        del cfg[key]
+    del cfg["rotary_dim"]
+    model_cfg, mup = from_hf_config(cfg)
+    # Standard parametrisation, as the remote code's config class defaults; a quarter of the head rotates.
+    assert (model_cfg.qk_scale, mup.embeddings_scale, mup.output_alpha, mup.base_width) == (
+        "sqrt_d_head",
+        1,
+        1,
+        D,
+    )
+    assert model_cfg.rotary_dim == (D // HEADS) // 4
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(_llm360_tensors(), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ckpt = import_hf(folder, tmp_path / "ckpt")
+    saved = json.loads((ckpt / "config.json").read_text())
+    ours = build_model(ModelConfig(**saved["model"]), MupConfig(**saved["mup"]), init=False)
+    load_model_weights(ckpt, ours)
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    x = torch.tensor([[1, 17, 42, 5, 300]])
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(x).logits)
+
+
+def test_rotary_dim_round_trips_exactly_and_bad_values_are_named(tmp_path):
+    cfg = _llm360_config(n_embd=264, n_head=3, rotary_dim=30)  # head dim 88: 30/88 is not exact in binary
+    model_cfg, mup = from_hf_config(cfg)
+    assert model_cfg.rotary_dim == 30
+    assert to_hf_config(model_cfg, mup, torch.float32, None)["rotary_dim"] == 30
+    for bad in (3, 90, -2, "8"):
+        with pytest.raises(InteropError, match=rf"config\.json: rotary_dim .*{bad}"):
+            from_hf_config(cfg | {"rotary_dim": bad})
+
+
+def test_config_values_of_the_wrong_kind_or_unsupported_are_named():
+    for key, value in (("n_embd", "forty"), ("n_layer", 2.5), ("tie_word_embeddings", "false")):
+        with pytest.raises(InteropError, match=f"config.json: {key} must be"):
+            from_hf_config(_llm360_config(**{key: value}))
+    # Unscaled attention would silently be scaled: refused, in import and in transformers alike.
+    with pytest.raises(InteropError, match="scale_attn_weights False is not supported"):
+        from_hf_config(_llm360_config(scale_attn_weights=False))
+    from crystal_lm.interop.hf_model import CrystalCoderConfig, CrystalCoderLMHeadModel
+
+    hf_cfg = CrystalCoderConfig(**(_llm360_config(scale_attn_weights=False)))
+    with pytest.raises(InteropError, match="scale_attn_weights"):
+        CrystalCoderLMHeadModel(hf_cfg)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from crystal_lm.interop.llm360 import from_hf_config
+from crystal_lm.interop.llm360 import HF_DEFAULTS, from_hf_config
 from crystal_lm.model.crystal import CrystalModel
 
 # Newer transformers name the output's cache `cache`, older 5.x (5.17, say) `past_key_values`.
@@ -25,6 +25,9 @@ CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPa
 
 
 class CrystalCoderConfig(PreTrainedConfig):
+    """LLM360's config keys. Shape defaults are Crystal 7B's; an absent muP or rotary key means what it means
+    to `crystal import` (llm360.HF_DEFAULTS), so one folder gives one function either way."""
+
     model_type = "crystalcoder"
     attribute_map = {  # noqa: RUF012 (transformers' class attribute)
         "hidden_size": "n_embd",
@@ -36,21 +39,21 @@ class CrystalCoderConfig(PreTrainedConfig):
     def __init__(
         self,
         vocab_size: int = 32032,
-        n_positions: int = 2048,
+        n_positions: int = HF_DEFAULTS["n_positions"],
         n_embd: int = 4096,
         n_layer: int = 32,
         n_head: int = 32,
-        n_inner: int | None = 10922,
+        n_inner: int | None = None,  # None: floor(8/3 · n_embd), 10922 for Crystal
         activation_function: str = "swiglu",
-        layer_norm_epsilon: float = 1e-5,
+        layer_norm_epsilon: float = HF_DEFAULTS["layer_norm_epsilon"],
         position_embedding_type: str = "rotary",
-        rotary_dim: int = 32,
-        rope_theta: float = 10000.0,
-        scale_attn_weights: bool = True,
-        mup_scale_qk_dot_by_d: bool = True,
-        mup_embeddings_scale: float = 14.6,
-        mup_output_alpha: float = 2.22,
-        mup_width_scale: float = 0.0625,
+        rotary_dim: int | None = HF_DEFAULTS["rotary_dim"],  # None: a quarter of the head
+        rope_theta: float = HF_DEFAULTS["rope_theta"],
+        scale_attn_weights: bool = HF_DEFAULTS["scale_attn_weights"],
+        mup_scale_qk_dot_by_d: bool = HF_DEFAULTS["mup_scale_qk_dot_by_d"],
+        mup_embeddings_scale: float = HF_DEFAULTS["mup_embeddings_scale"],
+        mup_output_alpha: float = HF_DEFAULTS["mup_output_alpha"],
+        mup_width_scale: float = HF_DEFAULTS["mup_width_scale"],
         attn_pdrop: float = 0.0,
         resid_pdrop: float = 0.0,
         embd_pdrop: float = 0.0,
@@ -70,7 +73,7 @@ class CrystalCoderConfig(PreTrainedConfig):
         self.mup_width_scale = mup_width_scale
         self.attn_pdrop, self.resid_pdrop, self.embd_pdrop = attn_pdrop, resid_pdrop, embd_pdrop
         self.use_cache = use_cache
-        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs.setdefault("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
         super().__init__(**kwargs)

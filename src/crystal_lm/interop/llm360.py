@@ -70,41 +70,92 @@ def to_hf_config(model: ModelConfig, mup: MupConfig, dtype: torch.dtype, tokeniz
     return cfg
 
 
-def _need(cfg: dict, key: str, where: str) -> Any:
-    if key not in cfg:
-        raise InteropError(f"{where}: missing key {key!r}")
-    return cfg[key]
+# What an absent config.json key means, for our importer and for the transformers class alike
+# (hf_model.CrystalCoderConfig takes its defaults from here). LLM360's own config.json holds every one of
+# these (crystal-spec §1.4); for a file without them we follow the remote code's config class, whose lineage
+# (GPT-2, then Cerebras' BTLM with the same mup_* keys) defaults to standard parametrisation: no muP
+# multipliers and 1/sqrt(d_head) attention. rotary_dim None means a quarter of the head (Crystal's 32 of 128).
+HF_DEFAULTS: dict[str, Any] = {
+    "n_positions": 2048,
+    "rotary_dim": None,
+    "rope_theta": 10000.0,  # LLM360's code hard-codes 10000
+    "layer_norm_epsilon": 1e-5,
+    "tie_word_embeddings": True,
+    "scale_attn_weights": True,
+    "mup_scale_qk_dot_by_d": False,
+    "mup_embeddings_scale": 1.0,
+    "mup_output_alpha": 1.0,
+    "mup_width_scale": 1.0,
+}
+# Keys of the GPT-2 family that would change the function if set otherwise; we refuse rather than ignore.
+UNSUPPORTED_VALUES = {
+    "activation_function": "swiglu",
+    "position_embedding_type": "rotary",
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+}
+
+
+def _get(cfg: dict, key: str, kind: type, where: str, required: bool = False) -> Any:
+    """`cfg[key]` as `kind` (its default when absent or null), or an error naming the key and the value."""
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise InteropError(f"{where}: missing key {key!r}")
+        return HF_DEFAULTS.get(key)
+    # bool is an int to Python, and int("40") would accept a string: take the JSON types only.
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else (isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    )
+    if not ok:
+        raise InteropError(
+            f"{where}: {key} must be {'a number' if kind is float else kind.__name__}, got {value!r}"
+        )
+    return kind(value)
 
 
 def from_hf_config(cfg: dict, where: str = "config.json") -> tuple[ModelConfig, MupConfig]:
     """Our model and muP configs from an LLM360 `config.json` (any size)."""
+    if not isinstance(cfg, dict):
+        raise InteropError(f"{where}: not a JSON object")
     if cfg.get("model_type") not in ("crystalcoder", None):
         raise InteropError(f"{where}: model_type {cfg.get('model_type')!r} is not 'crystalcoder'")
-    for key, want in (("activation_function", "swiglu"), ("position_embedding_type", "rotary")):
+    for key, want in UNSUPPORTED_VALUES.items():
         if cfg.get(key, want) != want:
             raise InteropError(f"{where}: {key} {cfg[key]!r} is not supported (Crystal uses {want!r})")
-    d, heads = int(_need(cfg, "n_embd", where)), int(_need(cfg, "n_head", where))
-    if d % heads:
-        raise InteropError(f"{where}: n_head {heads} does not divide n_embd {d}")
-    rotary_dim = int(cfg.get("rotary_dim", (d // heads) // 4))
-    width_scale = float(cfg.get("mup_width_scale", 1.0))
+    d, heads = _get(cfg, "n_embd", int, where, True), _get(cfg, "n_head", int, where, True)
+    if d <= 0 or heads <= 0 or d % heads:
+        raise InteropError(f"{where}: n_head {heads} must divide n_embd {d}")
+    head_dim = d // heads
+    rotary_dim = _get(cfg, "rotary_dim", int, where)
+    rotary_dim = head_dim // 4 if rotary_dim is None else rotary_dim
+    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+        raise InteropError(
+            f"{where}: rotary_dim {rotary_dim} must be even and at most the head dim n_embd / n_head = {head_dim}"
+        )
+    width_scale = _get(cfg, "mup_width_scale", float, where)
+    n_inner = _get(cfg, "n_inner", int, where)
     model = ModelConfig(
-        vocab_size=int(_need(cfg, "vocab_size", where)),
+        vocab_size=_get(cfg, "vocab_size", int, where, True),
         d_model=d,
-        n_layers=int(_need(cfg, "n_layer", where)),
+        n_layers=_get(cfg, "n_layer", int, where, True),
         n_heads=heads,
-        max_seq_len=int(cfg.get("n_positions", 2048)),
-        d_ff=int(cfg["n_inner"]) if cfg.get("n_inner") else None,
-        rotary_pct=rotary_dim / (d // heads),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),  # LLM360's code hard-codes 10000
-        layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        qk_scale="d_head" if cfg.get("mup_scale_qk_dot_by_d", False) else "sqrt_d_head",
+        max_seq_len=_get(cfg, "n_positions", int, where),
+        d_ff=n_inner or None,
+        rotary_pct=rotary_dim / head_dim,  # ModelConfig.rotary_dim gives rotary_dim back exactly
+        rope_theta=_get(cfg, "rope_theta", float, where),
+        layer_norm_eps=_get(cfg, "layer_norm_epsilon", float, where),
+        tie_embeddings=_get(cfg, "tie_word_embeddings", bool, where),
+        qk_scale="d_head" if _get(cfg, "mup_scale_qk_dot_by_d", bool, where) else "sqrt_d_head",
     )
+    if model.rotary_dim != rotary_dim:  # a guard on the round trip through rotary_pct
+        raise InteropError(f"{where}: rotary_dim {rotary_dim} does not survive as a fraction of {head_dim}")
     mup = MupConfig(
         base_width=round(d * width_scale),
-        embeddings_scale=float(cfg.get("mup_embeddings_scale", 1.0)),
-        output_alpha=float(cfg.get("mup_output_alpha", 1.0)),
+        embeddings_scale=_get(cfg, "mup_embeddings_scale", float, where),
+        output_alpha=_get(cfg, "mup_output_alpha", float, where),
     )
     if abs(mup.base_width / d - width_scale) > 1e-9:
         raise InteropError(f"{where}: mup_width_scale {width_scale} × n_embd {d} is not a whole base width")
