@@ -337,6 +337,20 @@ def test_export_refuses_to_overwrite(llm360_dir, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+def test_export_refuses_values_beyond_float16(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = _llm360_tensors()
+    tensors["transformer.h.1.mlp.c_proj.bias"][0] = 1e6
+    save_file(tensors, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(_llm360_config()))
+    ckpt = import_hf(src, tmp_path / "ckpt")
+    with pytest.raises(InteropError, match=r"tensor transformer\.h\.1\.mlp\.c_proj\.bias .*bfloat16"):
+        export_hf(ckpt, tmp_path / "fp16", dtype="float16")
+    assert not (tmp_path / "fp16").exists()
+    export_hf(ckpt, tmp_path / "bf16", dtype="bfloat16")
+
+
 def test_export_loads_in_a_process_that_never_imported_crystal_lm(llm360_dir, tmp_path):
     import subprocess
     import sys

@@ -329,6 +329,12 @@ def export_hf(
         if not model_cfg.tie_embeddings:
             raise InteropError(f"{ckpt}: already in standard parametrisation")
         tensors, model_cfg, mup = fold_mup(tensors, model_cfg, mup)
+    for name, t in tensors.items():  # a cast (or fold) past float16's ±65504 gives inf, silently
+        if not bool(torch.isfinite(t).all()):
+            raise InteropError(
+                f"{ckpt}: tensor {name} has values that are not finite in {t.dtype} (float16 reaches "
+                f"±65504); export as bfloat16 or float32"
+            )
     tok_path = ckpt / "tokenizer.json"
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
     first_dtype = next(iter(tensors.values())).dtype
