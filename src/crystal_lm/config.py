@@ -68,8 +68,9 @@ class SourceConfig:
     # for files, the language of the extension).
     languages: list[str] | None = None
     extensions: list[str] | None = None
-    # Malformed records (bad JSON, not UTF-8, missing field): `fail` names the file and line and stops;
-    # `skip` counts them per reason in the shard manifest and goes on.
+    # Malformed records (bad JSON, not UTF-8, missing field) and files the source cannot read (another
+    # format, truncated, a dangling link): `fail` names the file (and line) and stops; `skip` counts them
+    # per reason in the data manifest and goes on.
     on_error: Literal["fail", "skip"] = "fail"
     # Documents larger than this are skipped and counted (a single huge document never fills memory).
     max_doc_bytes: int = 64 * 2**20

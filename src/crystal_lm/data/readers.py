@@ -14,6 +14,9 @@ Bad records (malformed JSON, bytes that are not UTF-8, a missing or non-string t
 naming the file and line when the source's ``on_error`` is ``fail``; with ``skip`` they are counted per reason
 in `ReadStats`. Empty documents (``empty``), documents over ``max_doc_bytes`` (``too_large``) and records left
 out by ``where`` or ``languages`` (``filtered``) are always skipped and counted, never an error.
+
+Every entry of a folder or glob is read or accounted for (see `list_units`): symlinked folders are followed,
+each real folder and file once; a file the source cannot read is an error or, with ``skip``, counted.
 """
 
 from __future__ import annotations
