@@ -20,7 +20,7 @@ from crystal_lm.interop.llm360 import (
     to_hf_config,
 )
 from crystal_lm.model import build_model, count_parameters
-from crystal_lm.train.checkpoint import load_model_weights, load_tensors
+from crystal_lm.train.checkpoint import CheckpointError, load_model_weights, load_tensors
 
 from ..conftest import REPO
 from ..model.test_model import reference_forward
@@ -349,6 +349,45 @@ def test_export_refuses_values_beyond_float16(tmp_path):
         export_hf(ckpt, tmp_path / "fp16", dtype="float16")
     assert not (tmp_path / "fp16").exists()
     export_hf(ckpt, tmp_path / "bf16", dtype="bfloat16")
+
+
+def test_malformed_index_weights_config_and_target_are_named(tmp_path):
+    def folder(name):
+        return _write_llm360_bin_shards(tmp_path / name, _llm360_tensors())
+
+    index = "pytorch_model.bin.index.json"
+    for name, text in (("list", "[1, 2]"), ("int", '{"weight_map": {"a": 3}}')):
+        f = folder(name)
+        (f / index).write_text(text)
+        _expect(f, tmp_path, rf"{index}: not a weight index")
+    shard = "pytorch_model-00001-of-00002.bin"
+    f = folder("cut")
+    (f / shard).write_bytes((f / shard).read_bytes()[:2])
+    _expect(f, tmp_path, rf"{shard}: unreadable or truncated")
+    f = folder("list_bin")
+    torch.save([torch.zeros(2)], f / shard)
+    _expect(f, tmp_path, rf"{shard}: holds a list, not a dict")
+    f = folder("bad_json")
+    (f / "config.json").write_text("{not json")
+    _expect(f, tmp_path, r"config\.json: not valid JSON")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InteropError, match="a_file: exists and is a file"):
+        import_hf(folder("ok"), tmp_path / "a_file")
+
+
+def test_export_of_a_run_folder_takes_its_newest_checkpoint(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(_llm360_tensors(), str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(_llm360_config()))
+    run = tmp_path / "run"
+    import_hf(src, run / "checkpoints" / "phase1_checkpoint_000002")
+    newest = import_hf(src, run / "checkpoints" / "phase2_checkpoint_000001")
+    (newest / "COMPLETE").unlink()  # interrupted while saving: skipped
+    out = export_hf(run, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["n_embd"] == D
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        export_hf(tmp_path, tmp_path / "hf2")
 
 
 def test_export_loads_in_a_process_that_never_imported_crystal_lm(llm360_dir, tmp_path):

@@ -19,8 +19,8 @@ from crystal_lm.train.checkpoint import CheckpointError, load_model_weights, ver
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
-    """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode + tokenizer."""
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """A checkpoint folder, or a run folder's newest complete checkpoint; verified (checksums)."""
     directory = Path(directory)
     if (directory / "checkpoints").is_dir():
         from crystal_lm.train.checkpoint import latest_checkpoint
@@ -32,8 +32,26 @@ def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: not a checkpoint folder (no config.json)")
     verify_checkpoint(directory)
-    config = json.loads((directory / "config.json").read_text())
-    model = build_model(ModelConfig(**config["model"]), MupConfig(**config["mup"]), init=False)
+    return directory
+
+
+def checkpoint_configs(directory: Path) -> tuple[ModelConfig, MupConfig]:
+    """The model and muP configs a checkpoint's config.json holds."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        return ModelConfig(**config["model"]), MupConfig(**config["mup"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        # A hand-edited or foreign file: say which and why rather than a bare KeyError / TypeError.
+        raise CheckpointError(
+            f"{path}: not a crystal-lm checkpoint config ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
+    """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode + tokenizer."""
+    directory = resolve_checkpoint(directory)
+    model = build_model(*checkpoint_configs(directory), init=False)
     load_model_weights(directory, model)
     model.eval()
     return model, Tokenizer(directory / "tokenizer.json")

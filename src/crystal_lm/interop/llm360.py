@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from crystal_lm.config import ModelConfig, MupConfig
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.model import build_model
-from crystal_lm.train.checkpoint import TrainState, load_tensors, save_checkpoint, verify_checkpoint
+from crystal_lm.train.checkpoint import TrainState, load_tensors, save_checkpoint
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in LLM360's fp32 shards
@@ -94,6 +95,13 @@ UNSUPPORTED_VALUES = {
     "scale_attn_weights": True,
     "scale_attn_by_inverse_layer_idx": False,
 }
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InteropError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _get(cfg: dict, key: str, kind: type, where: str, required: bool = False) -> Any:
@@ -169,10 +177,13 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = hf_dir / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise InteropError(f"{index}: not a weight index ({exc})") from None
+            weight_map = read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InteropError(
+                    f"{index}: not a weight index (expected an object whose weight_map maps tensor names "
+                    "to file names)"
+                )
             files = sorted({hf_dir / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():
@@ -187,10 +198,15 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise InteropError(f"{path}: unreadable or truncated weight file ({exc})") from None
+    # A .bin may hold any picklable value; a state dict maps names to tensors.
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise InteropError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensor names to tensors")
+    return tensors
 
 
 def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, MupConfig, dict[str, torch.Tensor]]:
@@ -199,7 +215,7 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, MupConfig, dict
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise InteropError(f"{hf_dir}: no config.json")
-    model_cfg, mup = from_hf_config(json.loads(config_path.read_text()), str(config_path))
+    model_cfg, mup = from_hf_config(read_json(config_path), str(config_path))
     tensors: dict[str, torch.Tensor] = {}
     for f in _weight_files(hf_dir):
         for name, t in _read_file(f).items():
@@ -244,6 +260,8 @@ def _checkpoint_config(model: ModelConfig, mup: MupConfig, source: str) -> dict:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InteropError(f"{out_dir}: exists and is a file; --out needs a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InteropError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
 
@@ -315,11 +333,12 @@ def export_hf(
     overwrite: bool = False,
 ) -> Path:
     """A crystal-lm checkpoint → LLM360's Hugging Face layout (config, safetensors shards, tokenizer files)."""
-    ckpt, out_dir = Path(checkpoint_dir), Path(out_dir)
+    from crystal_lm.eval.generate import checkpoint_configs, resolve_checkpoint
+
+    out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
-    verify_checkpoint(ckpt)
-    config = json.loads((ckpt / "config.json").read_text())
-    model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
+    ckpt = resolve_checkpoint(checkpoint_dir)  # a run folder means its newest checkpoint, as in generate
+    model_cfg, mup = checkpoint_configs(ckpt)
     tensors = load_tensors(ckpt)
     if dtype is not None:
         if dtype not in DTYPE_NAMES:
