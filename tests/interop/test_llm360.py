@@ -410,3 +410,33 @@ def test_export_loads_in_a_process_that_never_imported_crystal_lm(llm360_dir, tm
     ours, _ = load_checkpoint(ckpt)
     expected = ours(torch.tensor([[1, 17, 42, 5]]))[0, -1, :3].tolist()
     assert name == "CrystalCoderLMHeadModel" and json.loads(logits) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_folder_saved_by_the_transformers_model_loads_in_a_fresh_process(tmp_path):
+    """save_pretrained kept the export's auto_map but not the code files it names: OSError on loading."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    import crystal_lm.interop.hf_model  # noqa: F401
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(_llm360_tensors(), str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(_llm360_config()))
+    export = export_hf(import_hf(src, tmp_path / "ckpt"), tmp_path / "export")
+    x = torch.tensor([[1, 17, 42, 5]])
+    hf = AutoModelForCausalLM.from_pretrained(export)
+    hf.save_pretrained(tmp_path / "saved")
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'saved')!r}, trust_remote_code=True)\n"
+        f"print(m(torch.tensor({x.tolist()})).logits[0, -1, :3].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        expected = hf(x).logits[0, -1, :3].tolist()
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)

@@ -9,7 +9,9 @@ left-padded batched generation is correct.
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from crystal_lm.interop.llm360 import HF_DEFAULTS, from_hf_config
+from crystal_lm.interop.llm360 import HF_DEFAULTS, from_hf_config, write_remote_code
 from crystal_lm.model.crystal import CrystalModel
 
 # Newer transformers name the output's cache `cache`, older 5.x (5.17, say) `past_key_values`.
@@ -76,6 +78,9 @@ class CrystalCoderConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
+        # An export's auto_map names code files next to its config.json, which a folder saved from this
+        # config does not have; the model's save_pretrained writes both again.
+        kwargs.pop("auto_map", None)
         super().__init__(**kwargs)
 
 
@@ -94,6 +99,18 @@ class CrystalCoderLMHeadModel(PreTrainedModel, GenerationMixin):
             self.lm_head = core.lm_head
         object.__setattr__(self, "core", core)  # same modules, not registered twice
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save, plus an export's code files and `auto_map`, so the folder loads with
+        trust_remote_code in a process that never imported crystal_lm (as an export does)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        copy = folder / Path(__file__).name  # transformers copies a trust_remote_code class's module: unused
+        if copy.is_file() and copy.read_bytes() == Path(__file__).read_bytes():
+            copy.unlink()
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = write_remote_code(folder)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights come from the checkpoint; fresh models use `crystal_lm.model.mup.init_weights`."""

@@ -311,6 +311,23 @@ def fold_mup(tensors: dict[str, torch.Tensor], model: ModelConfig, mup: MupConfi
     return out, folded_model, folded_mup
 
 
+def write_remote_code(folder: Path) -> dict[str, str]:
+    """The code files an `auto_map` names, written into `folder`; returns that map. Like LLM360's folders,
+    but ours only import crystal-lm's classes, so `from_pretrained(folder, trust_remote_code=True)` works in
+    a process that never imported crystal_lm."""
+    auto_map = {}
+    for auto, module, cls in (
+        ("AutoConfig", "configuration_crystalcoder", "CrystalCoderConfig"),
+        ("AutoModelForCausalLM", "modeling_crystalcoder", "CrystalCoderLMHeadModel"),
+    ):
+        (folder / f"{module}.py").write_text(
+            f'"""Needs `pip install crystal-lm`."""\n\n'
+            f"from crystal_lm.interop.hf_model import {cls}  # noqa: F401\n"
+        )
+        auto_map[auto] = f"{module}.{cls}"
+    return auto_map
+
+
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -374,20 +391,7 @@ def export_hf(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
     hf_config = to_hf_config(model_cfg, mup, first_dtype, tokenizer)
-    # Like LLM360's folders, `auto_map` names code files; ours only import crystal-lm's classes, so
-    # `from_pretrained(folder, trust_remote_code=True)` works in a process that never imported crystal_lm.
-    hf_config["auto_map"] = {
-        "AutoConfig": "configuration_crystalcoder.CrystalCoderConfig",
-        "AutoModelForCausalLM": "modeling_crystalcoder.CrystalCoderLMHeadModel",
-    }
-    for module, cls in (
-        ("configuration_crystalcoder", "CrystalCoderConfig"),
-        ("modeling_crystalcoder", "CrystalCoderLMHeadModel"),
-    ):
-        (tmp / f"{module}.py").write_text(
-            f'"""Needs `pip install crystal-lm`."""\n\n'
-            f"from crystal_lm.interop.hf_model import {cls}  # noqa: F401\n"
-        )
+    hf_config["auto_map"] = write_remote_code(tmp)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     gen = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
