@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,24 @@ def test_release_verify_and_unreachable_push(trained_run, tmp_path):
     out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel2"), "--push", missing)
     assert out.returncode == 2 and "cannot reach" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "rel2").exists()  # nothing built before the hub was found unreachable
+
+
+def test_generate_options_take_escapes_and_bad_values_are_clear_errors(trained_run, tmp_path):
+    from crystal_lm.cli import unescape
+
+    # As a shell passes them: backslash escapes decoded, non-ASCII text and unknown escapes left alone.
+    assert unescape(r"def add(a, b):\n    return ") == "def add(a, b):\n    return "
+    assert unescape(r"é→\t\\n C:\dir \x41") == "é→\t\\n C:\\dir A"
+    _, run_dir, _ = trained_run
+    ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
+    out = crystal("generate", ckpt, "--prompt", r"a\nb", "--max-new-tokens", "2", "--temperature", "0")
+    assert out.returncode == 0 and out.stdout.startswith("a\nb"), out.stderr
+    for bad, message in (
+        (["--prompt", "x " * 100], r"the prompt is \d+ tokens, the model's context is 64: shorten it"),
+        (["--prompt", "x", "--top-k", "-5"], "top_k: must be a positive number"),
+    ):
+        out = crystal("generate", ckpt, *bad)
+        assert out.returncode == 2 and re.search(f"crystal: error: {message}", out.stderr), out.stderr
+    # A run folder exports its newest checkpoint, as generate reads it.
+    out = crystal("export", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert out.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), out.stderr

@@ -23,8 +23,10 @@ verify RELEASE_DIR           check a release's hashes, checkpoints and data orde
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -447,6 +449,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# Backslash escapes in --prompt/--stop/--prefix/--suffix, as users type them in a shell ("\\n\\n"). Only these
+# ASCII sequences are decoded (codecs' unicode_escape over the whole text would mangle non-ASCII letters);
+# any other backslash stays as typed, and "\\\\" is one backslash.
+_ESCAPE = re.compile(r"\\(?:[nrt\\'\"]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
+ESCAPES_HELP = r"backslash escapes \n \t \r \\ \xHH \uHHHH are decoded"
+
+
+def unescape(text: str) -> str:
+    return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
+
+
 def _sampling(args: argparse.Namespace):
     from crystal_lm.eval.generate import Sampling
 
@@ -465,7 +478,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tok = load_checkpoint(args.checkpoint)
     # Several --prompt options are generated as one left-padded batch.
-    for prompt, text in zip(args.prompt, generate(model, tok, args.prompt, _sampling(args)), strict=True):
+    texts = generate(model, tok, args.prompt, _sampling(args), strict=True)
+    for prompt, text in zip(args.prompt, texts, strict=True):
         print(prompt + text + ("\n" + "-" * 40 if len(args.prompt) > 1 else ""))
     return 0
 
@@ -474,7 +488,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
     from crystal_lm.eval.generate import infill, load_checkpoint
 
     model, tok = load_checkpoint(args.checkpoint)
-    middle = infill(model, tok, args.prefix, args.suffix, _sampling(args), mode=args.mode)
+    middle = infill(model, tok, args.prefix, args.suffix, _sampling(args), mode=args.mode, strict=True)
     if args.json:
         print(json.dumps({"prefix": args.prefix, "middle": middle, "suffix": args.suffix}))
     else:
@@ -488,7 +502,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        type=unescape,
+        help=f"stop when the text contains this string (repeatable; {ESCAPES_HELP})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -649,14 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    p.add_argument(
+        "--prompt", required=True, action="append", type=unescape, help=f"repeat for a batch; {ESCAPES_HELP}"
+    )
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
     p.add_argument("checkpoint")
-    p.add_argument("--prefix", required=True)
-    p.add_argument("--suffix", required=True)
+    p.add_argument("--prefix", required=True, type=unescape, help=ESCAPES_HELP)
+    p.add_argument("--suffix", required=True, type=unescape, help=ESCAPES_HELP)
     p.add_argument("--mode", choices=["psm", "spm"], default="psm")
     p.add_argument("--json", action="store_true")
     _sampling_args(p)
