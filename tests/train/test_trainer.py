@@ -207,3 +207,78 @@ def test_kill_and_ctrl_c_then_resume_equals_an_uninterrupted_run(
         json.loads((straight / "summary.json").read_text())["stages"][2]["val_loss"]
         == json.loads((broken / "summary.json").read_text())["stages"][2]["val_loss"]
     )
+
+
+# --------------------------------------------------------------------------------------- retention
+
+
+def test_checkpoints_are_ordered_by_stage_and_step_numbers(recipe_dict, prepared, tmp_path):
+    """With 10+ stages, phase10 is newer than phase9 (as text it sorts first): retention must not remove the
+    newest checkpoint and a resume must start from it."""
+    _, data = prepared
+    d = copy.deepcopy(recipe_dict)
+    first = d["stages"][0]
+    d["stages"] = [
+        {**copy.deepcopy(first), "name": f"s{i + 1}", "tokens": 2 * 4 * 64, "checkpoint_every": 1}
+        for i in range(11)
+    ]
+    d["train"]["keep_last"] = 1
+    recipe = recipe_from_dict(d)
+    train(recipe, tmp_path, data=data, stop_after_steps=19)  # stage 10, step 1
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(root).name == "phase10_checkpoint_000001"
+    names = [p.name for p in list_checkpoints(root)]
+    assert names == [f"phase{i}_checkpoint_000002" for i in range(1, 10)] + ["phase10_checkpoint_000001"]
+
+
+def test_list_checkpoints_orders_steps_past_a_million(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    real = run_dir / "checkpoints" / "phase1_checkpoint_000003"
+    for name in ("phase1_checkpoint_999999", "phase1_checkpoint_1000000", "phase2_checkpoint_000001"):
+        shutil.copytree(real, tmp_path / name)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "phase1_checkpoint_999999",
+        "phase1_checkpoint_1000000",
+        "phase2_checkpoint_000001",
+    ]
+
+
+def test_pruning_survives_a_damaged_old_checkpoint_and_removes_by_rename(
+    trained_run, recipe_dict, tmp_path, monkeypatch
+):
+    """A kill in the middle of removing a checkpoint used to leave a checkpoint-named folder without
+    state.json, and every later prune failed on it. Removal now renames first; damaged ones are pruned too."""
+    from crystal_lm.train import trainer
+    from crystal_lm.train.checkpoint import clean_partial
+
+    _, run_dir, _ = trained_run
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", root)
+    for name in ("state.json", "COMPLETE"):  # what an interrupted rmtree of the old code left
+        (root / "phase1_checkpoint_000003" / name).unlink()
+    d = copy.deepcopy(recipe_dict)
+    d["train"]["keep_last"] = 1
+    recipe = recipe_from_dict(d)
+
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if str(path).endswith(".tmp-removed") and os.path.exists(path):
+            raise KeyboardInterrupt  # killed while deleting
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.prune_checkpoints(root, recipe)
+    assert "phase1_checkpoint_000003" not in [p.name for p in list_checkpoints(root)]
+    monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
+    clean_partial(root)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
+    removed = trainer.prune_checkpoints(root, recipe)
+    assert removed == ["phase2_checkpoint_000003", "phase3_checkpoint_000002"]
+    assert [p.name for p in list_checkpoints(root)] == [
+        "phase1_checkpoint_000006",
+        "phase2_checkpoint_000006",
+        "phase3_checkpoint_000004",
+    ]

@@ -1,4 +1,4 @@
-"""Checkpoints named like Crystal's (`phase{N}_checkpoint_{step:06d}`: name order is time order).
+"""Checkpoints named like Crystal's (`phase{N}_checkpoint_{step:06d}`; ordered by phase, then step).
 
 A checkpoint folder holds the model (`model.safetensors`), optimizer state and RNG (`optimizer.pt`), the
 trainer state (`state.json`), what is needed to use it alone (`config.json`, `tokenizer.json`) and
@@ -138,10 +138,18 @@ def verify_checkpoint(directory: Path) -> None:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
 
 
+def _order(path: Path) -> tuple[int, int]:
+    m = NAME_RE.match(path.name)
+    assert m is not None
+    return int(m.group(1)), int(m.group(2))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints oldest first. Ordered by (phase, step) as numbers: as text, phase10 would sort before
+    phase9 and step 1,000,000 before 999,999."""
     if not Path(root).is_dir():
         return []
-    return sorted(p for p in Path(root).iterdir() if p.is_dir() and NAME_RE.match(p.name))
+    return sorted((p for p in Path(root).iterdir() if p.is_dir() and NAME_RE.match(p.name)), key=_order)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
