@@ -183,3 +183,42 @@ def test_glob_with_a_wildcard_folder_passes_the_path_check(recipe_dict, tmp_path
     d["data"]["sources"]["mine"] = {"domain": "text", "path": str(tmp_path / "globdir" / "*" / "none.jsonl")}
     with pytest.raises(RecipeError, match=r"data\.sources\.mine\.path: no files match .*none\.jsonl"):
         check_paths(recipe_from_dict(d, "r.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("optimizer", "grad_clip", 0, r"optimizer\.grad_clip: .*must be positive, got 0"),
+        ("optimizer", "grad_clip", -1, r"optimizer\.grad_clip: .*must be positive, got -1"),
+        ("optimizer", "weight_decay", -0.1, r"optimizer\.weight_decay: must not be negative"),
+        ("optimizer", "eps", -1, r"optimizer\.eps: must be positive"),
+        ("optimizer", "eps", 0, r"optimizer\.eps: must be positive"),
+        ("optimizer", "betas", [1.5, 0.95], r"optimizer\.betas\[0\]: must be in \[0, 1\), got 1.5"),
+        ("optimizer", "betas", [0.9, -1], r"optimizer\.betas\[1\]: must be in \[0, 1\), got -1"),
+        ("train", "log_every", 0, r"train\.log_every: must be a positive integer, got 0"),
+        ("train", "threads", -1, r"train\.threads: must be a positive integer .*got -1"),
+        ("train", "peak_tflops", 0, r"train\.peak_tflops: must be positive"),
+        ("model", "d_ff", 0, r"model\.d_ff: must be a positive integer .*got 0"),
+        ("model", "layer_norm_eps", 0, r"model\.layer_norm_eps: must be positive"),
+        ("data", "val_max_samples", 0, r"data\.val_max_samples: must be a positive integer, got 0"),
+    ],
+)
+def test_optimizer_train_and_model_values_are_checked_before_any_work(
+    recipe_dict, section, key, value, message
+):
+    """Values that used to crash after data preparation (or silently train wrongly: grad_clip 0 zeroes every
+    gradient, -1 reverses them) are refused up front, naming the key."""
+    d = copy.deepcopy(recipe_dict)
+    d.setdefault(section, {})[key] = value
+    with pytest.raises(RecipeError, match=rf"r\.yaml: {message}"):
+        recipe_from_dict(d, "r.yaml")
+
+
+def test_a_fim_domain_no_source_has_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][1]["fim"]["domains"] = ["cod"]  # a typo used to turn FIM off silently
+    assert "stages[1].fim.domains: no source has domain 'cod' (the sources' domains: code, text)" in _error(d)
+    d["stages"][1]["fim"]["domains"] = ["code", "text"]
+    recipe_from_dict(d)
+    d["stages"][1]["fim"] = {"rate": 0.0, "domains": ["anything"]}  # no FIM: nothing to check
+    recipe_from_dict(d)

@@ -393,6 +393,36 @@ def _validate(recipe: Recipe) -> None:
     ):
         if value is not None and value < low:
             raise RecipeError(f"train.{key}: must be at least {low}, got {value}")
+    # Integers the training loop divides or loops by, and sizes of the model: zero or negative would crash
+    # it after the data is prepared, or build an empty layer.
+    for key, value, none_means in (
+        ("train.log_every", t.log_every, ""),
+        ("train.threads", t.threads, " (or null for torch's default)"),
+        ("model.d_ff", recipe.model.d_ff, " (or null for 8/3 × d_model)"),
+        ("model.max_seq_len", recipe.model.max_seq_len, ""),
+        ("data.val_max_samples", recipe.data.val_max_samples, ""),
+    ):
+        if value is not None and value < 1:
+            raise RecipeError(f"{key}: must be a positive integer{none_means}, got {value}")
+    for key, value in (
+        ("train.peak_tflops", t.peak_tflops),
+        ("model.layer_norm_eps", recipe.model.layer_norm_eps),
+        ("model.rope_theta", recipe.model.rope_theta),
+    ):
+        if value is not None and value <= 0:
+            raise RecipeError(f"{key}: must be positive, got {value}")
+    o = recipe.optimizer
+    if o.grad_clip <= 0:  # 0 would zero every gradient, a negative value reverse them
+        raise RecipeError(
+            f"optimizer.grad_clip: the largest gradient norm must be positive, got {o.grad_clip}"
+        )
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            raise RecipeError(f"optimizer.betas[{i}]: must be in [0, 1), got {beta}")
+    if o.eps <= 0:
+        raise RecipeError(f"optimizer.eps: must be positive, got {o.eps}")
+    if o.weight_decay < 0:
+        raise RecipeError(f"optimizer.weight_decay: must not be negative, got {o.weight_decay}")
     if t.spike_factor is not None and t.spike_factor <= 1.0:
         raise RecipeError(
             f"train.spike_factor: a loss this many times the recent mean is a spike; use > 1, got {t.spike_factor}"
@@ -475,6 +505,14 @@ def _validate(recipe: Recipe) -> None:
         for src in st.fim.sources or []:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
+        domains = sorted({s.domain for s in d.sources.values()})
+        if st.fim.sources is None and st.fim.rate > 0:  # a typo here would silently turn FIM off
+            for dom in st.fim.domains:
+                if dom not in domains:
+                    raise RecipeError(
+                        f"{where}.fim.domains: no source has domain {dom!r} (the sources' domains: "
+                        f"{', '.join(domains)})"
+                    )
         for src in st.mixture:
             if d.sources[src].document_fim is not None and st.fim.applies_to(src, d.sources[src].domain):
                 raise RecipeError(
