@@ -8,6 +8,7 @@ missing file is a `RecipeError` that names the file and the key path (for exampl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -281,11 +282,47 @@ class Recipe:
         blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """Dotted keys (`stages[0].tokens`) whose value in a recorded recipe dict (a run folder's recipe.json)
+        differs from this recipe's, leaving out `RUN_NEUTRAL_KEYS`. The recorded dict is read as a recipe
+        first, so a key added since (with its default) is not a difference."""
+        with contextlib.suppress(RecipeError):  # a value refused since it was recorded: compare it raw
+            recorded = recipe_from_dict(recorded).to_dict()
+        ours = json.loads(json.dumps(self.to_dict(), default=list))
+        theirs = json.loads(json.dumps(recorded, default=list))
+        return [k for k in _diff(theirs, ours, "") if k not in RUN_NEUTRAL_KEYS]
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         if p.is_absolute() or self.source_file is None:
             return p
         return Path(self.source_file).resolve().parent / p
+
+
+# Keys that do not change what a run computes: a run folder may be resumed with them changed. (Only for this
+# comparison: `Recipe.fingerprint` keeps its value, which checkpoints record.)
+RUN_NEUTRAL_KEYS = frozenset(
+    {
+        "description",
+        "data.cache_dir",
+        "data.workers",  # the shards are the same; their hashes are checked on resume
+        "train.keep_last",
+        "train.keep_every",
+        "train.log_every",
+        "train.tensorboard",
+        "train.wandb",
+        "train.peak_tflops",  # only the MFU in the logs
+    }
+)
+
+
+def _diff(a: Any, b: Any, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        prefix = f"{where}." if where else ""
+        return [k for key in sorted(a.keys() | b.keys()) for k in _diff(a.get(key), b.get(key), prefix + key)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and where == "stages":
+        return [k for i, (x, y) in enumerate(zip(a, b, strict=True)) for k in _diff(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where]
 
 
 # ------------------------------------------------------------------------------------ generic loader

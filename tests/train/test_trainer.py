@@ -282,3 +282,49 @@ def test_pruning_survives_a_damaged_old_checkpoint_and_removes_by_rename(
         "phase2_checkpoint_000006",
         "phase3_checkpoint_000004",
     ]
+
+
+# ------------------------------------------------------------------------------------- run folder
+
+
+def test_a_run_folder_refusal_names_the_keys_and_neutral_keys_may_change(
+    trained_run, recipe_dict, prepared, tmp_path
+):
+    _, run_dir, summary = trained_run
+    _, data = prepared
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    record = (run_copy / "recipe.json").read_text()
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["tokens"] *= 2
+    d["stages"][2]["lr"]["peak"] = 0.001
+    with pytest.raises(RunDirError, match="another recipe") as err:
+        train(recipe_from_dict(d), run_copy, data=data)
+    assert "stages[0].tokens; stages[2].lr.peak differ" in str(err.value)
+
+    # Description, retention and logging change nothing computed: the run continues (here: is complete).
+    d = copy.deepcopy(recipe_dict)
+    d["description"] = "a new description"
+    d["train"].update(keep_last=5, keep_every=3, log_every=2, tensorboard=False)
+    again = train(recipe_from_dict(d), run_copy, data=data)
+    assert again["stages"] == summary["stages"]
+    assert (run_copy / "recipe.json").read_text() == record  # the record stays the run's first recipe
+
+
+def test_a_recipe_that_failed_before_training_does_not_lock_the_folder(
+    trained_run, recipe_dict, prepared, tmp_path
+):
+    _, run_dir, _ = trained_run
+    _, data = prepared
+    ckpt = run_dir / "checkpoints" / "phase1_checkpoint_000003"
+    wrong = copy.deepcopy(recipe_dict)
+    wrong["model"].update(d_model=64, n_heads=4)  # not the checkpoint's shape
+    with pytest.raises(RunDirError, match=r"d_model, n_heads differ"):
+        train(recipe_from_dict(wrong), tmp_path / "run", data=data, init_from=ckpt)
+    assert (tmp_path / "run" / "recipe.json").is_file()
+    # Corrected: the folder holds no training yet, so it is this recipe's.
+    out = train(
+        recipe_from_dict(recipe_dict), tmp_path / "run", data=data, init_from=ckpt, stop_after_steps=1
+    )
+    assert out == {"stopped_at": 1}
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["recipe"]["model"]["d_model"] == 32

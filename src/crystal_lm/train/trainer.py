@@ -178,19 +178,38 @@ def checkpoint_config(recipe: Recipe) -> dict:
     }
 
 
+def _run_started(run_dir: Path) -> bool:
+    """Whether the folder holds training: a checkpoint, or logs (the first is the untrained model's val loss).
+    A recipe.json alone is left by a run that failed before training (bad data, a model that cannot be built)."""
+    logs = (run_dir / name for name in ("metrics.jsonl", "eval.jsonl"))
+    return bool(list_checkpoints(run_dir / "checkpoints")) or any(
+        p.is_file() and p.stat().st_size for p in logs
+    )
+
+
 def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Record the recipe a run folder belongs to; refuse to continue it with another recipe."""
+    """Record the recipe a run folder belongs to; refuse to continue it with another recipe, naming the keys
+    that differ. Keys that change nothing computed (`RUN_NEUTRAL_KEYS`: description, retention, logging) may
+    change; the record then stays the run's first recipe. A record with no training yet is replaced."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "recipe.json"
     fp = recipe.fingerprint()
     if record.is_file():
         old = json.loads(record.read_text())
-        if old.get("fingerprint") != fp:
+        if old.get("fingerprint") == fp:
+            return
+        if _run_started(run_dir):
+            differ = recipe.differences(old.get("recipe", {}))
+            if not differ:
+                return
+            shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
             raise RunDirError(
-                f"{run_dir} holds a run of another recipe ({old.get('name')}, fingerprint "
-                f"{old.get('fingerprint')}; this one is {fp}). Use a new --out folder."
+                f"{run_dir} holds a run of another recipe ({old.get('name')}, recorded in {record}): "
+                f"{shown} differ. Restore those values to resume it, or use a new --out folder."
             )
-        return
+        log.info("%s: no training yet under the recorded recipe; replacing it", record)
+        (run_dir / "init_from.json").unlink(missing_ok=True)
+        (run_dir / "recipe.yaml").unlink(missing_ok=True)
     body = {
         "name": recipe.name,
         "fingerprint": fp,
@@ -221,7 +240,6 @@ def load_initial_weights(
     if config.get("format") == "crystal-lm":  # our own checkpoint folder
         verify_checkpoint(source)
         model_cfg, mup = ModelConfig(**config["model"]), MupConfig(**config["mup"])
-        load_model_weights(source, model)
         optimizer_dir = source
     else:
         model_cfg, mup, tensors = read_hf_checkpoint(source)
@@ -239,7 +257,9 @@ def load_initial_weights(
                 f"--init-from {source}: {name}.{diff[0]} is {theirs[diff[0]]!r} there but "
                 f"{ours[diff[0]]!r} in the recipe ({', '.join(diff)} differ); use the checkpoint's architecture"
             )
-    if config.get("format") != "crystal-lm":
+    if config.get("format") == "crystal-lm":  # after the shapes are compared: those name the key
+        load_model_weights(source, model)
+    else:
         try:
             model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=False)
         except RuntimeError as exc:
