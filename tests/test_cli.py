@@ -160,3 +160,44 @@ def test_generate_options_take_escapes_and_bad_values_are_clear_errors(trained_r
     # A run folder exports its newest checkpoint, as generate reads it.
     out = crystal("export", str(run_dir), "--out", str(tmp_path / "hf"))
     assert out.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), out.stderr
+
+
+def test_a_file_in_place_of_a_folder_is_a_one_line_error_naming_it(recipe_dict, write_recipe, tmp_path):
+    recipe = str(write_recipe(recipe_dict))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for args, message in (
+        (["train", recipe, "--out", str(afile)], f"{afile}: File exists"),
+        (["train", recipe, "--out", str(afile / "sub")], f"{afile / 'sub'}: Not a directory"),
+        (["data", "prepare", recipe, "--cache-dir", str(afile)], f"{afile}"),
+    ):
+        out = crystal(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert (
+            f"crystal: error: {message}" in out.stderr and "a file is where a folder is needed" in out.stderr
+        )
+
+
+def test_a_diverged_run_is_a_clear_error_naming_the_checkpoint_to_start_from(
+    recipe_dict, write_recipe, tmp_path, monkeypatch, capsys
+):
+    """The guard's stop used to be a traceback whose advice ("lower the LR, then resume") the run folder
+    refuses; it now names the last good checkpoint and the --init-from command."""
+    import crystal_lm.train.trainer as trainer
+    from crystal_lm.cli import main
+
+    d = dict(recipe_dict, train={**recipe_dict["train"], "max_skipped_in_row": 2})
+    recipe = write_recipe(d)
+    real, calls = trainer.compute_gradients, []
+
+    def diverging(*args):
+        calls.append(1)
+        return real(*args) if len(calls) <= 4 else float("inf")
+
+    monkeypatch.setattr(trainer, "compute_gradients", diverging)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    good = run / "checkpoints" / "phase1_checkpoint_000003"
+    assert "crystal: error: stage1 step 6: 2 steps in a row skipped (last: non-finite loss (inf))" in err
+    assert f"--init-from {good}" in err and "from stage 1 on" in err and good.is_dir()

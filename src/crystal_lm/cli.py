@@ -685,6 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_text(exc: BaseException) -> str:
+    """One line for an error. An OSError from the system names its path and reason ("out: File exists"),
+    not "[Errno 17] File exists: 'out'"; ours carry their own message."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        path = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        text = f"{path}: {exc.strerror}"
+        in_the_way = isinstance(exc, FileExistsError) and not Path(str(exc.filename)).is_dir()
+        if in_the_way or isinstance(exc, NotADirectoryError):
+            text += " (a file is where a folder is needed; choose another path)"
+        return text
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -697,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     from crystal_lm.interop.llm360 import InteropError
     from crystal_lm.release.bundle import ReleaseError
     from crystal_lm.train.checkpoint import CheckpointError
+    from crystal_lm.train.stability import TrainingDiverged
     from crystal_lm.train.trainer import RunDirError
 
     try:
@@ -708,15 +722,16 @@ def main(argv: list[str] | None = None) -> int:
         TokenizerError,
         CheckpointError,
         RunDirError,
+        TrainingDiverged,
         InteropError,
         BenchmarkError,
         ReleaseError,
-        FileNotFoundError,
+        OSError,
         ValueError,
     ) as exc:
         if args.verbose:
             raise
-        print(f"crystal: error: {exc}", file=sys.stderr)
+        print(f"crystal: error: {_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

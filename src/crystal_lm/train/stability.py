@@ -38,9 +38,7 @@ class StabilityGuard:
         self.skipped += 1
         if self.in_row >= self.max_in_row:
             raise TrainingDiverged(
-                f"{where}: {self.in_row} steps in a row skipped (last: {reason}). The run stops here; its "
-                "newest checkpoint is the last good state. Lower the learning rate or check the data, then "
-                "resume."
+                f"{where}: {self.in_row} steps in a row skipped (last: {reason}). The run stops here."
             )
         return reason
 

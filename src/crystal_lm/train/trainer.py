@@ -54,7 +54,7 @@ from crystal_lm.train.parallel import (
     save_optimizer_sharded,
 )
 from crystal_lm.train.schedule import stage_schedules
-from crystal_lm.train.stability import StabilityGuard
+from crystal_lm.train.stability import StabilityGuard, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -567,6 +567,10 @@ def train(
                 if stop_after_steps is not None and state.global_step >= stop_after_steps:
                     return {"stopped_at": state.global_step}
                 t_ready = time.time()
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(
+            f"{exc} {_diverged_advice(recipe, run_dir, latest_checkpoint(ck_root))}"
+        ) from None
     except KeyboardInterrupt:
         progress.message(
             f"interrupted; run the same command again to resume from {latest_checkpoint(ck_root)}"
@@ -578,6 +582,25 @@ def train(
         if extra is not None:
             extra.close()
     return write_summary(recipe, run_dir, state) if world.main else {}
+
+
+def _diverged_advice(recipe: Recipe, run_dir: Path, last_good: Path | None) -> str:
+    """What to do after the guard stopped a run. Resuming in the same folder with a lower LR is refused (the
+    recipe differs), and `--init-from` starts a new run at its recipe's first stage."""
+    source = recipe.source_file or "RECIPE"
+    new_dir = f"{run_dir.name}-lower-lr"
+    if last_good is None:
+        return (
+            f"No checkpoint was written. Lower lr.peak (or check the data) in {source} and train into a new "
+            f"folder: crystal train {source} --out {new_dir}"
+        )
+    stage = int(NAME_RE.match(last_good.name).group(1))
+    return (
+        f"The last good state is {last_good}. To go on with a lower lr.peak (or fixed data), start a new run "
+        f"from it: crystal train NEW_RECIPE --out {new_dir} --init-from {last_good}. It starts at its recipe's "
+        f"first stage, so NEW_RECIPE should hold only what is left from stage {stage} on (with that stage's "
+        "tokens reduced by what the checkpoint has trained)."
+    )
 
 
 def _eval_record(recipe: Recipe, state: TrainState, name: str | None) -> dict:
