@@ -67,6 +67,21 @@ def test_generate_until_stops_at_stop_strings(both):
     assert len(out) == 1 and "\n" not in out[0]
 
 
+def test_generate_until_keeps_the_continuations_leading_space(trained_run, tmp_path):
+    """With a SentencePiece-style tokenizer (Crystal's kind), decoding the new ids alone drops the space the
+    continuation starts with; lm-eval then compares "Paris" where the model said " Paris"."""
+    from .test_generate import Scripted, make_spm_tok
+
+    _, run_dir, _ = trained_run
+    lm = CrystalLM(checkpoint=str(run_dir / "checkpoints" / "phase3_checkpoint_000004"))
+    tok = lm.tok = make_spm_tok(tmp_path)
+    whole, head = tok.encode("ab cd"), tok.encode("ab")
+    assert whole[: len(head)] == head
+    lm.model = Scripted(whole[len(head) :], tok.eos_id, tok.vocab_size)
+    out = lm.generate_until([Instance("generate_until", {}, ("ab", {"until": ["\n"], "max_gen_toks": 8}), 0)])
+    assert out == [" cd"]
+
+
 def test_all_nine_language_benchmarks_run_offline(trained_run):
     from crystal_lm.eval.language import CRYSTAL_SHOTS, LANGUAGE_BENCHMARKS, evaluate_language
 

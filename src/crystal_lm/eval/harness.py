@@ -19,7 +19,13 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from crystal_lm.eval.generate import Sampling, cut_at_stop, generate_batch, load_checkpoint
+from crystal_lm.eval.generate import (
+    Sampling,
+    cut_at_stop,
+    decode_continuation,
+    generate_batch,
+    load_checkpoint,
+)
 
 
 @register_model("crystal")
@@ -127,7 +133,7 @@ class CrystalLM(TemplateLM):
             )
             prompt = self.tok_encode(context)[-max(1, self.max_length - max_gen) :]
             ids = generate_batch(self.model, [prompt], sampling, {self.eot_token_id})[0]
-            text = cut_at_stop(self.tok_decode(ids), until)
+            text = cut_at_stop(decode_continuation(self.tok, prompt, ids), until)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
         return out
