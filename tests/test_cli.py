@@ -201,3 +201,20 @@ def test_a_diverged_run_is_a_clear_error_naming_the_checkpoint_to_start_from(
     good = run / "checkpoints" / "phase1_checkpoint_000003"
     assert "crystal: error: stage1 step 6: 2 steps in a row skipped (last: non-finite loss (inf))" in err
     assert f"--init-from {good}" in err and "from stage 1 on" in err and good.is_dir()
+
+
+def test_plan_refuses_impossible_layouts_and_bad_numbers():
+    tiny = str(REPO / "recipes" / "tiny.yaml")
+    for args, message in (
+        (["--gpus", "0"], "argument --gpus: '0' must be positive"),
+        (["--gpus", "-2"], "argument --gpus: '-2' must be positive"),
+        (["--mfu", "0"], "argument --mfu: '0' must be positive and at most 1"),
+        (["--peak-tflops", "0"], "argument --peak-tflops: '0' must be positive"),
+        (["--gpu-memory", "nan"], "argument --gpu-memory: 'nan' must be positive"),
+        (["--micro-batch", "-1"], "argument --micro-batch: '-1' must be positive"),
+        (["--gpus", "32"], "not possible on 32 GPU(s), training would refuse it: train.batch_size 16"),
+    ):
+        out = crystal("plan", tiny, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = crystal("plan", tiny, "--gpus", "4")
+    assert out.returncode == 0 and "micro-batch 4 × " in out.stdout, out.stderr

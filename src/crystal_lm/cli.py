@@ -26,9 +26,12 @@ import argparse
 import codecs
 import json
 import logging
+import math
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from crystal_lm.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 
@@ -285,11 +288,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from crystal_lm.train.parallel import process_micro_batch
     from crystal_lm.train.plan import plan
 
     recipe = _recipe(args.recipe, None)
+    try:
+        micro = process_micro_batch(
+            recipe.train.batch_size, args.micro_batch or recipe.train.micro_batch_size, args.gpus
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"{args.recipe}: not possible on {args.gpus} GPU(s), training would refuse it: {exc}"
+        ) from None
     layouts = plan(recipe, args.gpus, args.gpu_memory, args.micro_batch, args.peak_tflops, args.mfu)
-    micro = args.micro_batch or recipe.train.micro_batch_size or recipe.train.batch_size // args.gpus
     print(
         f"{recipe.name}: {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, micro-batch {micro} × "
         f"{recipe.data.seq_len} per GPU, global batch {recipe.train.batch_size}; step time at {args.mfu:.0%} "
@@ -510,6 +521,35 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bounded(kind: type, strict: bool = True, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` above 0 (at least 0 when not `strict`) and at most `high`. argparse
+    names the option in its error ("argument --gpus: '0' must be positive")."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0) and value <= high):
+            bound = "positive" if strict else "at least 0"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be {bound}" + (f" and at most {high:g}" if math.isfinite(high) else "")
+            )
+        return value
+
+    return parse
+
+
+def _positive(kind: type, at_most: float = math.inf) -> Callable[[str], Any]:
+    return _bounded(kind, high=at_most)
+
+
+def _non_negative(kind: type) -> Callable[[str], Any]:
+    return _bounded(kind, strict=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crystal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -584,11 +624,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory per GPU and step time of each parallel layout for a recipe")
     p.add_argument("recipe")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step (default: the recipe's)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
-    p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation")
+    p.add_argument("--gpus", type=_positive(int), default=1)
+    p.add_argument("--gpu-memory", type=_positive(float), default=80.0, help="GiB per GPU")
+    p.add_argument(
+        "--micro-batch", type=_positive(int), help="sequences per GPU per micro-step (default: the recipe's)"
+    )
+    p.add_argument(
+        "--peak-tflops", type=_positive(float), default=989.0, help="dense bf16 peak per GPU (H100: 989)"
+    )
+    p.add_argument(
+        "--mfu",
+        type=_positive(float, at_most=1.0),
+        default=0.45,
+        help="assumed model FLOPs utilisation (0-1]",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("release", help="package a run like LLM360's release: checkpoints, data order, logs")

@@ -48,3 +48,18 @@ def test_activation_estimate_matches_what_a_block_saves(d_model, d_ff, compiled,
     measured = measured_layer_activation_bytes(block, cfg, 128, bf16)
     planned = layer_activation_bytes(d_model, d_ff, compiled, bf16)
     assert planned * 0.97 < measured < planned * 1.03, (measured, planned)
+
+
+def test_a_layout_training_would_refuse_is_not_planned():
+    """8 GPUs for a global batch of 4 used to print "micro-batch 0" and say everything fits."""
+    from crystal_lm.train.parallel import process_micro_batch
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"))
+    with pytest.raises(ValueError, match=r"train\.batch_size 16 is not a multiple of 32 processes"):
+        plan(recipe, gpus=32, gpu_memory_gib=80)
+    with pytest.raises(
+        ValueError, match=r"4 sequences of train\.batch_size 16, not a multiple of the micro-batch 3"
+    ):
+        plan(recipe, gpus=4, gpu_memory_gib=80, micro_batch=3)
+    assert process_micro_batch(16, None, 4) == 4  # the process's share, as training uses it
+    assert process_micro_batch(16, 2, 4) == 2

@@ -19,6 +19,24 @@ from crystal_lm.config import TrainConfig
 from crystal_lm.model import CrystalModel
 
 
+def process_micro_batch(batch_size: int, micro_batch_size: int | None, processes: int) -> int:
+    """Sequences per process per micro-step: `micro_batch_size`, or the process's whole share of the batch.
+    A ValueError says why `processes` cannot split the batch (training and `crystal plan` both ask here)."""
+    if batch_size % processes:
+        raise ValueError(
+            f"train.batch_size {batch_size} is not a multiple of {processes} processes (GPUs): each must "
+            "compute the same number of sequences"
+        )
+    share = batch_size // processes
+    micro = micro_batch_size or share
+    if share % micro:
+        raise ValueError(
+            f"each of {processes} processes computes {share} sequences of train.batch_size {batch_size}, "
+            f"not a multiple of the micro-batch {micro}"
+        )
+    return micro
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0

@@ -25,7 +25,7 @@ import torch
 from crystal_lm.config import ModelConfig, Recipe
 from crystal_lm.model import build_model
 from crystal_lm.model.crystal import rotary_tables
-from crystal_lm.train.parallel import flops_per_token
+from crystal_lm.train.parallel import flops_per_token, process_micro_batch
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB
@@ -107,7 +107,8 @@ def plan(
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     T = recipe.data.seq_len
     B = recipe.train.batch_size
-    micro = micro_batch or recipe.train.micro_batch_size or max(1, B // gpus)
+    # Raises ValueError, with the reason, for a layout training would refuse.
+    micro = process_micro_batch(B, micro_batch or recipe.train.micro_batch_size, gpus)
     tokens_micro = micro * T
     # a chunk of fp32 logits and its softmax gradient; the head's fp32 gradient, formed during forward
     loss_bytes = 2 * 1024 * m.vocab_size * 4 + 4 * m.vocab_size * m.d_model

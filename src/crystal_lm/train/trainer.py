@@ -51,6 +51,7 @@ from crystal_lm.train.parallel import (
     model_state,
     parallelize,
     peak_tflops,
+    process_micro_batch,
     save_optimizer_sharded,
 )
 from crystal_lm.train.schedule import stage_schedules
@@ -370,13 +371,10 @@ def train(
     run_dir = Path(run_dir)
     world = init_world()
     t = recipe.train
-    micro = t.micro_batch_size or t.batch_size
-    if t.batch_size % (world.world_size * micro) and world.distributed:
-        raise RunDirError(
-            f"train.batch_size {t.batch_size} must be a multiple of world size {world.world_size} × "
-            f"micro_batch_size {micro}"
-        )
-    micro = min(micro, t.batch_size // world.world_size)
+    try:
+        micro = process_micro_batch(t.batch_size, t.micro_batch_size, world.world_size)
+    except ValueError as exc:
+        raise RunDirError(f"{exc}; change train.batch_size or train.micro_batch_size") from None
     if world.main:
         _claim_run_dir(recipe, run_dir)
     if t.threads:
