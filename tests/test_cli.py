@@ -218,3 +218,24 @@ def test_plan_refuses_impossible_layouts_and_bad_numbers():
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = crystal("plan", tiny, "--gpus", "4")
     assert out.returncode == 0 and "micro-batch 4 × " in out.stdout, out.stderr
+
+
+def test_data_order_and_eval_messages_say_what_is_wrong(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    out = crystal("data", "order", str(run_dir), "--stage", "2", "--count", "-5")
+    assert out.returncode == 2 and "argument --count: '-5' must be positive" in out.stderr
+    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "-1")
+    assert out.returncode == 2 and "argument --start: '-1' must be at least 0" in out.stderr
+    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
+    assert (
+        "crystal: error: stage 2 'stage2': sample 10000 out of range" in out.stderr
+    )  # --stage counts from 1
+    empty = tmp_path / "run"
+    empty.mkdir()
+    (empty / "recipe.json").write_text((run_dir / "recipe.json").read_text())
+    out = crystal("eval", str(empty))
+    assert (
+        out.returncode == 2 and f"crystal: error: {empty}: a run folder with no checkpoints yet" in out.stderr
+    )
+    out = crystal("eval", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and f"crystal: error: {tmp_path / 'nowhere'}: does not exist" in out.stderr

@@ -246,6 +246,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from crystal_lm.eval.sweep import sweep
 
     targets = [Path(t) for t in args.targets]
+    for t in targets:
+        if not t.exists():
+            raise FileNotFoundError(f"{t}: does not exist (give a run folder or a checkpoint folder)")
     run_dir = _run_dir_of(targets[0])
     tasks = args.tasks.split(",")
     recipe = None
@@ -566,15 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("order", help="the published data order: what each global sample index holds")
     p.add_argument("recipe", help="recipe YAML, or a run / release folder")
     p.add_argument("--stage", required=True, help="stage number (from 1) or name")
-    p.add_argument("--start", type=int, default=0, help="first global sample index")
-    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--start", type=_non_negative(int), default=0, help="first global sample index")
+    p.add_argument("--count", type=_positive(int), default=10)
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_data_order)
     p = data.add_parser("sample", help="one sample's token ids and loss mask, as trained")
     p.add_argument("recipe", help="recipe YAML, or a run / release folder")
     p.add_argument("--stage", required=True, help="stage number (from 1) or name")
-    p.add_argument("--index", type=int, required=True, help="global sample index in the stage")
+    p.add_argument("--index", type=_non_negative(int), required=True, help="global sample index in the stage")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_data_sample)
@@ -614,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="greedy",
         help="code benchmarks: greedy pass@1, or Crystal's sampling (HumanEval T=0.2 n=20, MBPP T=0.1 n=16)",
     )
-    p.add_argument("--limit", type=int, help="documents / problems per task (default: all)")
+    p.add_argument("--limit", type=_positive(int), help="documents / problems per task (default: all)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--store", help="results JSONL (default: RUN_DIR/eval/results.jsonl)")
     p.add_argument("--recipe", help="recipe for val_loss (default: the run folder's)")

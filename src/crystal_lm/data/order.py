@@ -94,7 +94,7 @@ def stage_samples(recipe: Recipe, stage_index: int) -> int:
 def _stage(recipe: Recipe, stage_index: int) -> None:
     if not 0 <= stage_index < len(recipe.stages):
         raise ValueError(
-            f"stage index {stage_index} out of range: the recipe has {len(recipe.stages)} stages"
+            f"stage {stage_index + 1} out of range: the recipe has stages 1-{len(recipe.stages)}"
         )
 
 
@@ -104,7 +104,7 @@ def _check_range(recipe: Recipe, stage_index: int, start: int, count: int) -> No
         name = recipe.stages[stage_index].name
         asked = f"sample {start}" if count <= 1 else f"samples [{start}, {start + count})"
         raise ValueError(
-            f"stage {stage_index} '{name}': {asked} out of range; the stage has {total} samples, "
+            f"stage {stage_index + 1} '{name}': {asked} out of range; the stage has {total} samples, "
             f"valid indices are [0, {total})"
         )
 

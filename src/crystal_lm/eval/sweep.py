@@ -33,8 +33,16 @@ def checkpoints_of(targets: list[str | Path]) -> list[Path]:
     """Checkpoint folders: a run folder stands for all of its checkpoints, in time order."""
     out: list[Path] = []
     for t in map(Path, targets):
-        if (t / "checkpoints").is_dir():
-            out += list_checkpoints(t / "checkpoints")
+        if not t.exists():
+            raise BenchmarkError(f"{t}: does not exist")
+        if (t / "checkpoints").is_dir() or (t / "recipe.json").is_file():
+            found = list_checkpoints(t / "checkpoints")
+            if not found:
+                raise BenchmarkError(
+                    f"{t}: a run folder with no checkpoints yet (one is written every "
+                    "stages[i].checkpoint_every steps and at each stage's end)"
+                )
+            out += found
         elif (t / "config.json").is_file():
             out.append(t)
         else:
