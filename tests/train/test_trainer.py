@@ -328,3 +328,27 @@ def test_a_recipe_that_failed_before_training_does_not_lock_the_folder(
     )
     assert out == {"stopped_at": 1}
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["recipe"]["model"]["d_model"] == 32
+
+
+def test_resume_purges_tensorboard_steps_after_the_checkpoint_and_saves_quietly(
+    recipe_dict, prepared, tmp_path
+):
+    """The process that was stopped logged steps 4-5 past its last checkpoint (step 3); the resumed writer
+    marks step 4 as a new start, so TensorBoard drops those events instead of showing them twice. A checkpoint
+    save or load in one process no longer warns that torch.distributed is disabled."""
+    import warnings
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    _, data = prepared
+    recipe = recipe_from_dict(recipe_dict)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(recipe, tmp_path, data=data, stop_after_steps=5)
+        assert latest_checkpoint(tmp_path / "checkpoints").name == "phase1_checkpoint_000003"
+        train(recipe, tmp_path, data=data, stop_after_steps=7)
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 2
+    starts = [e.step for e in EventFileLoader(str(files[1])).Load() if e.HasField("session_log")]
+    assert starts == [4]

@@ -113,7 +113,9 @@ def read_optimizer_state(directory: Path) -> dict:
     source = optimizer_source(directory)
     if not isinstance(source, Path):
         return source or {}
-    with tempfile.TemporaryDirectory() as tmp:
+    from crystal_lm.train.parallel import single_process_dcp
+
+    with tempfile.TemporaryDirectory() as tmp, single_process_dcp():
         dcp_to_torch_save(source, Path(tmp) / "optimizer.pt")
         return torch.load(Path(tmp) / "optimizer.pt", weights_only=True)["optimizer"]
 

@@ -27,14 +27,24 @@ def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class ExtraLoggers:
-    def __init__(self, run_dir: Path, recipe_name: str, config: dict, tensorboard: bool, wandb: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        recipe_name: str,
+        config: dict,
+        tensorboard: bool,
+        wandb: bool,
+        resumed_step: int = 0,
+    ) -> None:
+        """`resumed_step`: the global step the run resumes from; TensorBoard events logged after it (by the
+        interrupted process, which went on past its last checkpoint) are purged, since they are logged again."""
         self.writers: list[Any] = []
         self.tb = self.wb = None
         if tensorboard:
             if importlib.util.find_spec("tensorboard") is not None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
             else:
                 log.info("tensorboard is not installed: no event files (pip install 'crystal-lm[logging]')")
         if wandb and importlib.util.find_spec("wandb") is not None:

@@ -6,8 +6,11 @@ processes, and a run resumes on another number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -163,13 +166,24 @@ def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, s
     return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len
 
 
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save and load without a process group that it assumes a
+    single process: that is the intent here, so the warning is silenced (only then, and only that one)."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
     """Every process writes its shard of the optimizer state with torch.distributed.checkpoint (one process:
     the whole of it). Keys are parameter names, so it loads on any number of processes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+    with single_process_dcp():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
 
 
 def load_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
@@ -178,5 +192,6 @@ def load_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, p
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # a template with this layout
-    dcp.load(state, checkpoint_id=str(path))
+    with single_process_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])

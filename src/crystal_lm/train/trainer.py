@@ -440,7 +440,9 @@ def train(
         metrics.truncate_after(state.global_step)
         evals.truncate_after(state.global_step)
     extra = (
-        ExtraLoggers(run_dir, recipe.name, recipe.to_dict(), t.tensorboard, t.wandb) if world.main else None
+        ExtraLoggers(run_dir, recipe.name, recipe.to_dict(), t.tensorboard, t.wandb, state.global_step)
+        if world.main
+        else None
     )
     logged_evals = read_jsonl(run_dir / "eval.jsonl")
     if (
