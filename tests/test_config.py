@@ -217,7 +217,9 @@ def test_optimizer_train_and_model_values_are_checked_before_any_work(
 def test_a_fim_domain_no_source_has_is_named(recipe_dict):
     d = copy.deepcopy(recipe_dict)
     d["stages"][1]["fim"]["domains"] = ["cod"]  # a typo used to turn FIM off silently
-    assert "stages[1].fim.domains: no source has domain 'cod' (the sources' domains: code, text)" in _error(d)
+    assert "stages[1].fim.domains: no source has domain 'cod'; did you mean 'code'?" in _error(d)
+    d["stages"][1]["fim"]["domains"] = ["code", "figures"]  # no source of that domain: nothing to FIM there
+    recipe_from_dict(d)
     d["stages"][1]["fim"]["domains"] = ["code", "text"]
     recipe_from_dict(d)
     d["stages"][1]["fim"] = {"rate": 0.0, "domains": ["anything"]}  # no FIM: nothing to check

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -543,12 +544,15 @@ def _validate(recipe: Recipe) -> None:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
         domains = sorted({s.domain for s in d.sources.values()})
-        if st.fim.sources is None and st.fim.rate > 0:  # a typo here would silently turn FIM off
+        if st.fim.sources is None and st.fim.rate > 0:
             for dom in st.fim.domains:
-                if dom not in domains:
+                # A near-miss is a typo that would silently turn FIM off. A domain no source has at all is
+                # allowed (the default `code` in a text-only recipe): there is just nothing to FIM.
+                near = difflib.get_close_matches(dom, domains, n=1, cutoff=0.6)
+                if dom not in domains and near:
                     raise RecipeError(
-                        f"{where}.fim.domains: no source has domain {dom!r} (the sources' domains: "
-                        f"{', '.join(domains)})"
+                        f"{where}.fim.domains: no source has domain {dom!r}; did you mean {near[0]!r}? "
+                        f"(the sources' domains: {', '.join(domains)})"
                     )
         for src in st.mixture:
             if d.sources[src].document_fim is not None and st.fim.applies_to(src, d.sources[src].domain):
