@@ -148,8 +148,11 @@ class StageData:
         finally:
             child.terminate()
             child.join(timeout=5)
-            free.close()
-            ready.close()
+            # Nothing left in the queues matters once the child is gone. Without this, exiting after a Ctrl-C
+            # that landed inside `free.put` can wait forever on the queue's feeder thread.
+            for q in (free, ready):
+                q.cancel_join_thread()
+                q.close()
 
     def _batches_threaded(
         self, start_step: int, end_step: int, rank: int, world_size: int, prefetch: int
