@@ -148,11 +148,11 @@ def test_out_of_range_indices_name_the_stage(prepared):
     assert total == 24
     order_records(recipe, data, 1, total - 1, 1)  # the last sample is fine
     for start, count in ((total, 1), (-1, 1), (20, 5)):
-        with pytest.raises(ValueError, match=r"stage 1 'stage2'.*\[0, 24\)"):
+        with pytest.raises(ValueError, match=r"stage 2 'stage2'.*\[0, 24\)"):  # counted from 1, as --stage
             order_records(recipe, data, 1, start, count)
-    with pytest.raises(ValueError, match=r"stage 2 'stage3'.*\[0, 16\)"):
+    with pytest.raises(ValueError, match=r"stage 3 'stage3'.*\[0, 16\)"):
         sample_record(recipe, data, 2, 16)
-    with pytest.raises(ValueError, match="3 stages"):
+    with pytest.raises(ValueError, match="stage 4 out of range: the recipe has stages 1-3"):
         order_records(recipe, data, 3, 0, 1)
 
 
