@@ -91,12 +91,15 @@ def _overrides(name: str) -> dict[str, Any]:
             {"validation": f"{_SPLIT_DIRS[name]}/validation"},
             {"answer": "label"} if name == "boolq" else None,
         )
+        # The evaluated split is named `test_split` on purpose: lm-eval 0.4.13 leaves the current document out
+        # of its few-shot examples only when the few-shot split equals `test_split` (otherwise an item can be
+        # shown, solved, among its own examples).
         return {
             "custom_dataset": loader,
             "dataset_path": None,
             "training_split": None,
-            "test_split": None,
-            "validation_split": "validation",
+            "test_split": "validation",
+            "validation_split": None,
             "fewshot_split": "validation",
         }
     if name == "gsm8k":
