@@ -4,9 +4,8 @@ evaluation carries on."""
 from __future__ import annotations
 
 import os
-import shutil
+import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,25 +57,27 @@ def test_output_flood_is_capped():
 
 @needs_isolation
 def test_daemon_dies_with_the_program():
-    shared = Path(tempfile.mkdtemp(prefix="crystal-daemon-test-"))  # a folder the sandbox user may write
-    os.chmod(shared, 0o777)
-    started, survived = shared / "started", shared / "survived"
+    token = secrets.token_hex(8)  # the daemon's command line, to look for it from here
     code = (
-        "import os, time\n"
-        "if os.fork() == 0:\n"
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
         "    os.setsid()\n"  # its own session: a process-group kill would miss it
-        f"    open({str(started)!r}, 'w').write('up')\n"
-        "    time.sleep(2)\n"
-        f"    open({str(survived)!r}, 'w').write('still here')\n"
-        "    os._exit(0)\n"
+        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {token!r}])\n"
         "time.sleep(0.5)\n"
+        "assert os.waitpid(pid, os.WNOHANG) == (0, 0), 'the daemon did not start'\n"
     )
-    try:
-        assert run(code, 5).status == "passed"
-        time.sleep(3)
-        assert started.exists() and not survived.exists()  # it ran, and died with the program
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    r = run(code, 5)
+    assert r.status == "passed", r.reason
+    time.sleep(0.5)
+    survivors = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if token.encode() in (entry / "cmdline").read_bytes():
+                survivors.append(entry.name)
+        except OSError:
+            continue
+    assert not survivors  # it ran, and died with the program
 
 
 @needs_isolation
@@ -96,9 +97,11 @@ def test_no_network():
 
 @needs_isolation
 def test_cannot_write_outside_its_folder(tmp_path):
-    target = tmp_path / "owned.txt"
-    r = run(f"open({str(target)!r}, 'w').write('x')\n", 5)
-    assert r.status == "failed" and "Permission" in r.reason and not target.exists()
+    os.chmod(tmp_path, 0o777)  # even a folder anyone may write: the host's /tmp is not the program's
+    for target in (tmp_path / "owned.txt", Path("/") / f"crystal-owned-{secrets.token_hex(4)}.txt"):
+        r = run(f"open({str(target)!r}, 'w').write('x')\n", 5)
+        assert r.status == "failed" and not target.exists()
+        assert "Permission" in r.reason or "No such file" in r.reason, r.reason
 
 
 def test_environment_is_stripped(monkeypatch):
@@ -109,6 +112,7 @@ def test_environment_is_stripped(monkeypatch):
     assert "hunter2" not in parent.stdout
 
 
+@needs_isolation  # without a PID namespace the program runs as our user: it could kill pytest
 def test_cannot_kill_its_parent():
     r = run(f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)\n", 5)
     assert r.status == "failed"  # and we are still here to assert it
@@ -130,3 +134,109 @@ def test_python_is_isolated_mode():
     r = run("import sys\nassert sys.flags.isolated == 1\nassert sys.executable\n", 5)
     assert r.passed, r.reason
     assert sandbox.sys is sys
+
+
+# A program can reach the wrapper's frames; the marker and the fds must not be there to find.
+FRAME_LOCALS_FORGERY = (
+    "import os, sys\nf = sys._getframe(1)\nos.write(f.f_locals['fd'], f.f_locals['marker'])\nos._exit(1)\n"
+)
+TRACEBACK_FORGERY = (
+    "import os\n"
+    "try:\n"
+    "    raise Exception\n"
+    "except Exception as e:\n"
+    "    frame = e.__traceback__.tb_frame.f_back\n"
+    "os.write(frame.f_locals['fd'], frame.f_locals['marker'])\n"
+    "os._exit(1)\n"
+)
+FRAME_SCAN_FORGERY = (  # anything marker-like in any reachable frame, written to any fd
+    "import os, sys\n"
+    "f = sys._getframe(0)\n"
+    "found = []\n"
+    "while f is not None:\n"
+    "    for v in list(f.f_locals.values()) + list(f.f_globals.values()):\n"
+    "        if isinstance(v, (bytes, str)) and len(v) == 32:\n"
+    "            found.append(v.encode() if isinstance(v, str) else v)\n"
+    "    f = f.f_back\n"
+    "for fd in range(3, 64):\n"
+    "    for m in found:\n"
+    "        try:\n"
+    "            os.write(fd, m)\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "os._exit(1)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [FRAME_LOCALS_FORGERY, TRACEBACK_FORGERY, FRAME_SCAN_FORGERY],
+    ids=["f_locals", "traceback", "scan"],
+)
+def test_marker_cannot_be_taken_from_the_wrappers_frames(attack):
+    r = run(attack, 5)
+    assert r.status == "failed", r.reason
+
+
+@needs_isolation
+def test_concurrent_programs_get_their_own_uids():
+    code = "import os, time\nprint(os.getuid(), os.getgid())\ntime.sleep(0.5)\n"
+    results = run_many([code] * 4, timeout_s=5, workers=4)
+    assert all(r.passed for r in results), [r.reason for r in results]
+    ids = [tuple(map(int, r.stdout.split())) for r in results]
+    assert len({uid for uid, _ in ids}) == 4
+    assert all(uid == gid and uid not in (0, 65534) for uid, gid in ids)
+
+
+@needs_isolation
+def test_concurrent_programs_cannot_modify_each_others_files():
+    writer = (
+        "import glob, os, time\n"
+        "mine = os.path.realpath(os.getcwd())\n"
+        "patterns = ['/tmp/crystal-sandbox-*/program.py', '/tmp/*/program.py', '/var/tmp/*/program.py',\n"
+        "            '/proc/*/cwd/program.py', '/proc/*/root/tmp/*/program.py']\n"
+        "t = time.time()\n"
+        "while time.time() - t < 2:\n"
+        "    for p in patterns:\n"
+        "        for path in glob.glob(p):\n"
+        "            if os.path.realpath(os.path.dirname(path)) == mine:\n"
+        "                continue\n"
+        "            try:\n"
+        "                with open(path, 'w') as f:\n"
+        "                    f.write('pass\\n')\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "assert False, 'the writer fails too'\n"
+    )
+    wrong = "import time\ntime.sleep(0.3)\nassert False, 'wrong answer'\n"
+    results = run_many([writer] + [wrong] * 6, timeout_s=6, workers=3)
+    assert [r.status for r in results] == ["failed"] * 7, [r.reason for r in results]
+    assert all("AssertionError" in r.reason for r in results)
+
+
+@needs_isolation
+def test_fork_bomb_neighbour_does_not_make_a_correct_program_fail():
+    bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)\n"
+    good = (
+        "import threading, time\n"
+        "time.sleep(0.5)\n"
+        "t = threading.Thread(target=lambda: None)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "assert sum(range(4)) == 6\n"
+    )
+    results = run_many([bomb, good], timeout_s=4, workers=2)
+    assert results[0].status in ("failed", "timeout", "killed")
+    assert results[1].status == "passed", results[1].reason
+
+
+@needs_isolation
+def test_files_written_to_tmp_do_not_survive_the_run():
+    name = f"crystal-sandbox-leftover-{secrets.token_hex(4)}"
+    places = [Path(d) / name for d in ("/tmp", "/var/tmp", "/dev/shm") if Path(d).is_dir()]
+    code = "".join(f"open({str(p)!r}, 'w').write('x')\n" for p in places)
+    code += "".join(f"os.makedirs({str(p) + '-dir/sub'!r})\n" for p in places)
+    r = run("import os\n" + code, 5)
+    assert r.status == "passed", r.reason
+    for p in places:
+        assert not p.exists() and not Path(str(p) + "-dir").exists()

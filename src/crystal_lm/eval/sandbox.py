@@ -1,20 +1,41 @@
 """Running untrusted generated programs (HumanEval, MBPP, infilling) without trusting them.
 
-Each program runs in its own `python -I` process, in a fresh temporary folder, with a stripped environment
-and limits on memory, CPU time, file size, open files and processes. Where the platform allows (Linux, as
-root, with util-linux `unshare`), it also gets its own network namespace (no network), PID namespace (it
-cannot see or signal other processes, and everything it started dies with it) and an unprivileged user
-(`nobody`: it cannot write outside its folder and /tmp, read other processes' environments or outrun the
-process limit). On timeout the whole process tree is killed.
+Each program runs in its own `python -I` process with a stripped environment and limits on memory, CPU time,
+file size, open files and processes; on timeout the whole process tree is killed. Where the platform allows
+(Linux, as root, with util-linux `unshare`) -- see `isolation()` -- each program also gets:
 
-A program *passes* only when it runs to its end: a wrapper writes a per-run random marker to a separate pipe
-after the program's last statement, so `sys.exit(0)` or `os._exit(0)` before the tests is a failure. (The
-marker protects against accidents and shortcuts, not against code that reads the wrapper's memory.)
+* its own network namespace (no network) and PID namespace (it cannot see or signal other processes, including
+  the other sandboxes, and everything it started dies with it);
+* its own unprivileged uid/gid, taken from a pool (`_UID_BASE` + slot; the ids need not exist in /etc/passwd)
+  that never hands one id to two programs at once, in this process (a lock) or in other processes on the machine
+  (an `flock` per slot under /run/crystal-sandbox). So programs running side by side (`run_many`) cannot
+  write to each other's files, and a fork bomb in one uses up only its own process limit (RLIMIT_NPROC counts
+  per uid). A slot is handed back only once no process of its uid is left.
+* its own mount namespace with fresh, size-capped tmpfs on /tmp, /var/tmp and /dev/shm: its folder is
+  /tmp/sandbox in there (mode 0700, owned by its uid; the program and wrapper are copied in from a root-only
+  host folder), and whatever it writes to those places vanishes with it. If mounting is not allowed but the
+  other namespaces are, the folder is a host temporary folder chmod 0700 owned by the uid, and files that uid
+  left at the top of /tmp, /var/tmp and /dev/shm are removed after the run.
+
+Without namespaces (not root, not Linux) only the rlimits, the stripped environment and a process-group kill
+apply: programs then run as the calling user and can reach each other's files.
+
+A program *passes* only when it runs to its end: the random per-run marker waits, unread, in a pipe on fd 1000;
+the wrapper (trusted code in the same process) reads it only after the program's last statement has run, and
+copies it to the completion pipe on fd 1001, which the parent checks. So `sys.exit(0)`, `os._exit(0)`, an
+`atexit` hook or a killed process is a failure, and while the program runs the marker is in no Python object
+and no reachable frame holds either fd number (so `sys._getframe(1).f_locals` or a traceback's `tb_frame`
+finds nothing). What is *not* guaranteed: the program runs in the wrapper's process, so code that sets out to
+forge completion can still do it -- e.g. find the fds in /proc/self/fd (or the wrapper's code constants), read
+fd 1000 and write what it read to fd 1001. The marker guards against accidents and shortcuts, not against a
+program written to cheat; the isolation above is what keeps a hostile program from harming the machine or
+other programs' results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -22,8 +43,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +54,21 @@ from typing import Literal
 Status = Literal["passed", "failed", "timeout", "killed"]
 
 # Runs first in the child, as trusted code: limits, privilege drop, then the program, then the marker.
-# Everything lives in a function's locals so the program finds no marker in `__main__`.
+# The marker pipe (stdin) and the completion pipe are moved to the fixed fds 1000 / 1001 and the marker is read
+# only after exec returns: no variable holds the marker or an fd number while the program runs.
 _WRAPPER = """\
-def _run():
+def _setup():
     import os, resource, sys
-    fd, mem, cpu, fsize, nofile, nproc, uid = (int(a) for a in sys.argv[1:8])
-    marker = os.read(0, 64)
-    os.close(0)
-    os.open(os.devnull, os.O_RDONLY)  # stdin becomes /dev/null for the program
+    done, mem, cpu, fsize, nofile, nproc, uid = (int(a) for a in sys.argv[1:8])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1002:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1002, max(hard, 1002)))
+    os.dup2(0, 1000, inheritable=False)
+    os.dup2(done, 1001, inheritable=False)
+    os.close(done)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # stdin becomes /dev/null for the program
+    os.close(null)
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -51,16 +80,42 @@ def _run():
         os.setuid(uid)
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     sys.argv = ["program.py"]
-    source = open("program.py", encoding="utf-8").read()
-    namespace = {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}
-    exec(compile(source, "program.py", "exec"), namespace)
-    os.write(fd, marker)
 
 
-_run()
+_setup()
+del _setup
+with open("program.py", encoding="utf-8") as _f:
+    _code = compile(_f.read(), "program.py", "exec")
+del _f
+exec(_code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
+import os as _os
+
+_os.write(1001, _os.read(1000, 64))
 """
 
-_NOBODY = 65534
+# Runs as root inside the new mount namespace, in the root-only host folder, before the wrapper: fresh tmpfs on
+# the world-writable places (hiding the host's), the program's folder in there, owned by its uid.
+_PRIVATE_TMP = """\
+set -e
+uid=$1
+size=$2
+shift 2
+for d in /tmp /var/tmp /dev/shm; do
+    if [ -d "$d" ]; then
+        mount -t tmpfs -o "mode=1777,nosuid,nodev,size=${size}m,nr_inodes=4096" tmpfs "$d"
+    fi
+done
+mkdir -m 700 /tmp/sandbox
+cp wrapper.py program.py /tmp/sandbox/
+chown -R "$uid:$uid" /tmp/sandbox
+cd /tmp/sandbox
+exec "$@"
+"""
+
+_UID_BASE = 2_000_000_000  # programs run as _UID_BASE + slot (gid the same): ids no account uses
+_UID_SLOTS = 4096
+_SLOT_LOCK_DIR = "/run/crystal-sandbox"
+_SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -86,17 +141,31 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _namespaces_available() -> bool:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None:
+def _unshare_works(*args: str) -> bool:
+    try:
+        probe = subprocess.run(["unshare", *args], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
         return False
-    probe = subprocess.run(
-        ["unshare", "--net", "--pid", "--fork", "--kill-child", "true"], capture_output=True
-    )
     return probe.returncode == 0
 
 
-def _python_for_nobody() -> str | None:
-    """An interpreter whose standard library the unprivileged user can read (a Python under /root cannot)."""
+def _namespaces_available() -> bool:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return _unshare_works("--net", "--pid", "--fork", "--kill-child", "true")
+
+
+def _private_tmp_available() -> bool:
+    return _unshare_works(
+        "--mount", "--propagation", "private", "--net", "--pid", "--fork", "--kill-child",
+        "/bin/sh", "-c", "mount -t tmpfs -o size=1m tmpfs /tmp",
+    )  # fmt: skip
+
+
+def _python_for_sandbox_uid() -> str | None:
+    """An interpreter whose standard library a pool uid can read (a Python under /root cannot).
+
+    Every pool uid is a stranger to every file (no account, no groups), so what one of them may read, all may."""
     candidates = [
         os.environ.get("CRYSTAL_SANDBOX_PYTHON"),
         sys.executable,
@@ -107,8 +176,8 @@ def _python_for_nobody() -> str | None:
         try:
             probe = subprocess.run(
                 [python, "-I", "-c", "import socket, json, math, re, collections, heapq"],
-                user=_NOBODY,
-                group=_NOBODY,
+                user=_UID_BASE,
+                group=_UID_BASE,
                 extra_groups=[],
                 capture_output=True,
                 cwd="/",
@@ -124,25 +193,133 @@ def _python_for_nobody() -> str | None:
 class Isolation:
     namespaces: bool  # own network and PID namespaces
     python: str  # interpreter that runs the programs
-    unprivileged: bool  # programs run as `nobody`
+    unprivileged: bool  # programs run as their own pool uid
+    private_tmp: bool = False  # own mount namespace with fresh /tmp, /var/tmp, /dev/shm
 
 
 _ISOLATION: Isolation | None = None
 
 
 def isolation() -> Isolation:
-    """What this machine allows: namespaces and a dropped uid (Linux as root), else rlimits and a process group."""
+    """What this machine allows: namespaces and a pool uid (Linux as root), else rlimits and a process group."""
     global _ISOLATION
     if _ISOLATION is None:
         namespaces = _namespaces_available()
-        python = _python_for_nobody() if namespaces else None
-        _ISOLATION = Isolation(namespaces, python or sys.executable, python is not None)
+        python = _python_for_sandbox_uid() if namespaces else None
+        private_tmp = python is not None and _private_tmp_available()
+        _ISOLATION = Isolation(namespaces, python or sys.executable, python is not None, private_tmp)
     return _ISOLATION
 
 
 def isolation_available() -> bool:
     iso = isolation()
     return iso.namespaces and iso.unprivileged
+
+
+class _UidPool:
+    """Hands out `_UID_BASE + slot`, never the same slot twice at once: a lock between this process's threads,
+    an exclusive `flock` on a per-slot file between processes (best effort: only where the lock folder works)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_use: set[int] = set()
+        self._lock_dir: str | None = None
+        self._looked = False
+
+    def _dir(self) -> str | None:
+        if not self._looked:
+            self._looked = True
+            try:
+                os.makedirs(_SLOT_LOCK_DIR, mode=0o700, exist_ok=True)
+                st = os.lstat(_SLOT_LOCK_DIR)
+                ok = os.path.isdir(_SLOT_LOCK_DIR) and not os.path.islink(_SLOT_LOCK_DIR) and st.st_uid == 0
+                self._lock_dir = _SLOT_LOCK_DIR if ok else None
+            except OSError:
+                self._lock_dir = None
+        return self._lock_dir
+
+    def acquire(self) -> tuple[int, int | None]:
+        with self._lock:
+            lock_dir = self._dir()
+            for slot in range(_UID_SLOTS):
+                if slot in self._in_use:
+                    continue
+                fd = None
+                if lock_dir is not None:
+                    try:
+                        fd = os.open(f"{lock_dir}/slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                    except OSError:
+                        fd = None
+                    else:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except OSError:  # another process has it
+                            os.close(fd)
+                            continue
+                self._in_use.add(slot)
+                return slot, fd
+        raise RuntimeError(f"all {_UID_SLOTS} sandbox uids are in use")
+
+    def release(self, slot: int, fd: int | None) -> None:
+        with self._lock:
+            if fd is not None:
+                os.close(fd)  # drops the flock
+            self._in_use.discard(slot)
+
+
+_POOL = _UidPool()
+
+
+def _processes_of(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if str(uid) in line.split()[1:]:
+                            return True
+                        break
+        except OSError:  # gone meanwhile
+            continue
+    return False
+
+
+def _remove_files_of(uid: int) -> None:
+    """Without a private /tmp: what the uid left at the top of the shared world-writable folders."""
+    for top in _SHARED_TMP:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(top):
+                try:
+                    if entry.stat(follow_symlinks=False).st_uid != uid:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                except OSError:
+                    continue
+
+
+@contextlib.contextmanager
+def _sandbox_uid(iso: Isolation) -> Iterator[int]:
+    """A pool uid for one run (-1: no privilege drop here); back to the pool once nothing of it is left."""
+    if not iso.unprivileged:
+        yield -1
+        return
+    slot, fd = _POOL.acquire()
+    uid = _UID_BASE + slot
+    try:
+        yield uid
+    finally:
+        deadline = time.monotonic() + 5
+        while _processes_of(uid) and time.monotonic() < deadline:  # a PID namespace dies after its init
+            time.sleep(0.01)
+        if not _processes_of(uid):  # never hand out a uid that still has processes: else the slot stays taken
+            if not iso.private_tmp:
+                _remove_files_of(uid)
+            _POOL.release(slot, fd)
 
 
 def _describe_exit(returncode: int, stderr: str, limits: Limits) -> tuple[Status, str]:
@@ -165,15 +342,23 @@ def run(source: str, timeout_s: float = 10.0, limits: Limits | None = None) -> S
     """Execute one program; `passed` only if it ran to its last statement within the limits."""
     limits = limits or Limits()
     iso = isolation()
-    workdir = Path(tempfile.mkdtemp(prefix="crystal-sandbox-"))
+    with _sandbox_uid(iso) as uid:
+        return _run(source, timeout_s, limits, iso, uid)
+
+
+def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int) -> SandboxResult:
+    workdir = Path(tempfile.mkdtemp(prefix="crystal-sandbox-"))  # mode 0700
     try:
         (workdir / "program.py").write_text(source, encoding="utf-8")
         (workdir / "wrapper.py").write_text(_WRAPPER)
-        if iso.unprivileged:
-            os.chown(workdir, _NOBODY, _NOBODY)
-            for f in workdir.iterdir():
-                os.chown(f, _NOBODY, _NOBODY)
+        private_tmp = iso.private_tmp and uid >= 0
+        if uid >= 0 and not private_tmp:  # the program works in this folder: its uid's, nobody else's
+            for path in (workdir, *workdir.iterdir()):
+                os.chown(path, uid, uid)
         marker = secrets.token_hex(16).encode()
+        marker_r, marker_w = os.pipe()  # the marker waits here, unread, until the program has ended
+        os.write(marker_w, marker)
+        os.close(marker_w)
         done_r, done_w = os.pipe()
         stdout_f = open(workdir / ".stdout", "w+b")  # files, not pipes: a flood cannot block us
         stderr_f = open(workdir / ".stderr", "w+b")
@@ -184,29 +369,34 @@ def run(source: str, timeout_s: float = 10.0, limits: Limits | None = None) -> S
             limits.file_size_mb * 2**20,
             limits.open_files,
             limits.processes,
-            _NOBODY if iso.unprivileged else -1,
+            uid,
         )
         cmd = [iso.python, "-I", "-B", "wrapper.py", *map(str, args)]
+        home = str(workdir)
+        tmp = str(workdir)
         if iso.namespaces:
+            if private_tmp:
+                tmpfs_mb = max(4 * limits.file_size_mb, 16)
+                cmd = ["/bin/sh", "-c", _PRIVATE_TMP, "sh", str(uid), str(tmpfs_mb), *cmd]
+                cmd = ["unshare", "--mount", "--propagation", "private", *cmd]
+                home, tmp = "/tmp/sandbox", "/tmp"
             cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir), "TMPDIR": str(workdir)}
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": tmp}
         start = time.monotonic()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=stdout_f,
-            stderr=stderr_f,
-            pass_fds=(done_w,),
-            start_new_session=True,
-        )
-        os.close(done_w)
         try:
-            proc.stdin.write(marker)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
+            proc = subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                env=env,
+                stdin=marker_r,
+                stdout=stdout_f,
+                stderr=stderr_f,
+                pass_fds=(done_w,),
+                start_new_session=True,
+            )
+        finally:
+            os.close(marker_r)
+            os.close(done_w)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
@@ -243,7 +433,9 @@ def run(source: str, timeout_s: float = 10.0, limits: Limits | None = None) -> S
 def run_many(
     sources: Iterable[str], timeout_s: float = 10.0, workers: int | None = None, limits: Limits | None = None
 ) -> list[SandboxResult]:
-    """Run programs in parallel (one process each, `workers` at a time; default: one per core)."""
+    """Run programs in parallel (one process each, `workers` at a time; default: one per core).
+
+    Each running program has its own uid from the pool (see the module docstring)."""
     sources = list(sources)
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
