@@ -75,3 +75,29 @@ def test_val_loss_is_evaluated_anew_when_a_setting_that_changes_it_changes(train
     bf16.train.precision = "bf16"
     sweep(ckpt, ["val_loss"], store, recipe=bf16, log=lambda m: None)
     assert len({r["key"] for r in read_jsonl(store)}) == 4
+
+
+def test_a_torn_last_line_is_cut_before_appending_and_a_bad_middle_line_is_an_error(trained_run, tmp_path):
+    """A store whose last line a kill cut: the next sweep removes it (redoing that record) and appends after
+    whole lines, so every later record stays readable; an invalid line elsewhere names file and line."""
+    recipe, run_dir, _ = trained_run
+    ckpts = [run_dir / "checkpoints" / n for n in ("phase1_checkpoint_000003", "phase1_checkpoint_000006")]
+    store = tmp_path / "results.jsonl"
+    sweep(ckpts, ["val_loss"], store, recipe=recipe, log=lambda m: None)
+    whole = store.read_text()
+    store.write_text(whole[: len(whole) - 40])  # the second record cut mid-line
+    assert len(read_jsonl(store)) == 1
+    logged = []
+    sweep(ckpts, ["val_loss"], store, recipe=recipe, log=logged.append)
+    assert "all 1 tasks already" in logged[0] and "val_loss in" in logged[1]  # only the torn one redone
+    assert store.read_text() == whole  # the torn line is gone, the redone record on a line of its own
+    logged.clear()
+    sweep(ckpts, ["val_loss"], store, recipe=recipe, log=logged.append)
+    assert all("already" in m for m in logged)  # readable from then on: nothing recomputed
+
+    from crystal_lm.train.metrics import JsonlError
+
+    lines = whole.splitlines(True)
+    store.write_text(lines[0][:30] + "\n" + lines[1])
+    with pytest.raises(JsonlError, match=rf"{store}:1: not a JSON record"):
+        read_jsonl(store)

@@ -10,25 +10,64 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
+class JsonlError(ValueError):
+    """A JSONL log with an invalid line before its last one: not a torn write, so not skipped silently."""
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a torn last line (left by a kill mid-write: not JSON), with a warning; end a whole last record
+    that lacks its newline with one. Then appended records start on a line of their own."""
+    data = path.read_bytes()
+    if not data:
+        return
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:
+        print(f"warning: {path}: removing a torn last line (cut by an interruption)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(start)
+        return
+    if not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log; a last line cut by a kill is ignored."""
-    if not Path(path).is_file():
+    """Records of a JSONL log. A last line cut by a kill is skipped with a warning; any other invalid line is
+    an error naming the file and line (reading on past it, or stopping there, would hide records)."""
+    path = Path(path)
+    if not path.is_file():
         return []
+    lines = path.read_text(errors="replace").splitlines()
     out = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                print(
+                    f"warning: {path}:{n}: skipping a torn last line (cut by an interruption)",
+                    file=sys.stderr,
+                )
+                break
+            raise JsonlError(f"{path}:{n}: not a JSON record ({e.msg}); fix or remove this line") from None
     return out
 
 
 class JsonlLog:
-    """Append-only JSONL log, flushed per record. `truncate_after` drops records past a resume point."""
+    """Append-only JSONL log, flushed per record. `truncate_after` drops records past a resume point.
+
+    Opening it cuts a torn last line (left by a kill mid-write) first, with a warning, so that new records
+    do not land after half a line."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            _repair_tail(self.path)
         self.file: TextIO = open(self.path, "a")
 
     def truncate_after(self, global_step: int) -> None:
