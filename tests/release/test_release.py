@@ -200,3 +200,29 @@ def test_under_a_retention_policy_only_permanent_checkpoints_are_released(traine
         "test-small_phase2_checkpoint_000006",
         "test-small_phase3_checkpoint_000004",
     ]
+
+
+def test_verify_reports_missing_data_order_files_in_its_summary_and_each_checkpoint_once(
+    release, tmp_path, capsys
+):
+    """A release without data/order.json or recipe.json is a FAILED verification naming them (not a bare
+    'No such file' nor a hint about run folders); `crystal verify` prints each checkpoint's result once."""
+    import shutil
+
+    from crystal_lm.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    (copy / "data" / "order.json").unlink()
+    report = verify_release(copy)
+    assert not report.ok and report.missing == ["data/order.json"]
+    assert report.data_order == {"all": "cannot be recomputed: data/order.json missing from the release"}
+    (copy / "recipe.json").unlink()
+    assert main(["verify", str(copy)]) == 1
+    out, err = capsys.readouterr()
+    assert "MISSING  data/order.json" in out and "MISSING  recipe.json" in out and "release FAILED" in out
+    assert "data order all: cannot be recomputed: recipe.json, data/order.json missing" in out
+    assert "run folder" not in out + err
+    combined = (out + err).splitlines()
+    assert sum(line.startswith("checkpoint (final, top level):") for line in combined) == 1
+    assert sum("test-small_phase1_checkpoint_000003: ok" in line for line in combined) == 1

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from crystal_lm.release.bundle import MANIFEST, read_manifest, run_recipe, sha256_file, shard_hashes
+from crystal_lm.config import RecipeError
+from crystal_lm.release.bundle import (
+    MANIFEST,
+    ReleaseError,
+    read_manifest,
+    run_recipe,
+    sha256_file,
+    shard_hashes,
+)
 
 
 @dataclass
@@ -62,11 +70,18 @@ def _check_data_order(release: Path, cache_dir: str | None) -> dict[str, str]:
     from crystal_lm.data.order import order_fingerprint
     from crystal_lm.data.prepare import prepare_data
 
-    recipe, _ = run_recipe(release)
+    needed = ("recipe.json", "data/order.json", "data/manifest.json")
+    absent = [rel for rel in needed if not (release / rel).is_file()]
+    if absent:
+        return {"all": f"cannot be recomputed: {', '.join(absent)} missing from the release"}
+    try:
+        recipe, _ = run_recipe(release)
+        order = json.loads((release / "data" / "order.json").read_text())
+        published = json.loads((release / "data" / "manifest.json").read_text())
+    except (ReleaseError, RecipeError, OSError, ValueError, KeyError) as exc:
+        return {"all": f"cannot be recomputed: {exc}"}
     if cache_dir:
         recipe.data.cache_dir = cache_dir
-    order = json.loads((release / "data" / "order.json").read_text())
-    published = json.loads((release / "data" / "manifest.json").read_text())
     data = prepare_data(recipe)  # from the cache, or rebuilt from the pinned sources
     if shard_hashes(data.manifest()) != shard_hashes(published):
         return {"all": "the recipe's data now prepares into shards that differ from data/manifest.json"}
@@ -95,11 +110,11 @@ def verify_release(
     on_disk = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
     report.extra = sorted(on_disk - set(listed) - {MANIFEST})
     folders = [release, *sorted(p.parent for p in (release / "checkpoints").glob("*/config.json"))]
-    for folder in folders:
+    for i, folder in enumerate(folders, 1):
         name = "(final, top level)" if folder == release else folder.name
+        if log:  # progress only: the results are in the report's lines, once
+            log(f"loading checkpoint {i}/{len(folders)}: {name}")
         report.checkpoints[name] = _check_checkpoint(folder)
-        if log:
-            log(f"checkpoint {name}: {report.checkpoints[name]}")
     if check_data:
         report.data_order = _check_data_order(release, cache_dir)
     return report
