@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from crystal_lm.report.report import write_report
+from crystal_lm.train.metrics import read_jsonl
 
 
 def test_report_has_tables_and_plots(trained_run):
@@ -45,3 +46,40 @@ def test_report_analyses_benchmarks_across_checkpoints(trained_run):
         r for r in records if r["task"] == "memorization" and r["step"] == 4 and r["stage_index"] == 2
     )
     assert f"{final_memo['metrics']['score']:.3f} of 32 greedy tokens" in text
+
+
+def test_a_table_column_and_the_model_card_hold_one_setting_and_say_which(trained_run, tmp_path):
+    """A sweep over every checkpoint with one --limit, then one checkpoint again with another: the table, plots
+    and averages keep the setting that covers all checkpoints, name it, and list the one left out; the model
+    card states the setting of each score it quotes."""
+    import shutil
+
+    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.release.bundle import build_release
+    from crystal_lm.report.report import benchmark_table, headline
+
+    _, run_dir, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    store = run / "eval" / "results.jsonl"
+    full = sweep([run], ["arc_easy"], store, limit=2, log=lambda m: None)
+    final = max(full, key=lambda r: r["tokens"])
+    for limit in (5, 7, 3, 9):  # another limit whose score at the final checkpoint differs (a real mix-up)
+        other = sweep(
+            [run / "checkpoints" / final["checkpoint"]], ["arc_easy"], store, limit=limit, log=print
+        )[0]
+        if headline("arc_easy", other["metrics"]) != headline("arc_easy", final["metrics"]):
+            break
+    tasks, rows = benchmark_table(read_jsonl(store))
+    assert tasks == ["arc_easy"] and len(rows) == 6
+    by_ckpt = {r["checkpoint"]: headline("arc_easy", r["metrics"]) for r in full}
+    assert {row["checkpoint"]: row["arc_easy"] for row in rows} == by_ckpt  # the limit-2 series only
+    text = write_report(run).read_text()
+    assert "arc_easy: first 2 items, 0-shot" in text
+    assert f"arc_easy (first {other['limit']} items, 0-shot; 1 checkpoint)" in text
+    card = (build_release(run, tmp_path / "rel", log=lambda m: None) / "README.md").read_text()
+    name = "acc_norm" if "acc_norm" in final["metrics"] else "acc"
+    assert (
+        f"| arc_easy | first 2 items, 0-shot | {name} | {headline('arc_easy', final['metrics']):.3f} |"
+        in card
+    )

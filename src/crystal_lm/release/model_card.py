@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from crystal_lm.config import Recipe
-from crystal_lm.report.report import benchmark_table, headline_metric
+from crystal_lm.report.report import CODE_TASKS, describe_setting, headline_metric, select_series
 from crystal_lm.train.metrics import read_jsonl
 
 
@@ -93,16 +93,20 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
             "",
         ]
     results = read_jsonl(release / "eval" / "results.jsonl")
-    tasks, _ = benchmark_table(results)
-    final_records = {r["task"]: r for r in results if r["checkpoint"] == final["checkpoint"]}
-    final_records.pop("val_loss", None)
+    # The final checkpoint's score in the setting the report's table shows for the task; where that setting
+    # has no result for it, its latest result. Either way the card says which setting a score is from.
+    series = select_series(results)[0]
+    final_records: dict[str, dict] = {}
+    for r in [*results, *series]:
+        if r["checkpoint"] == final["checkpoint"] and r["task"] != "val_loss":
+            final_records[r["task"]] = r
+    tasks = sorted(final_records, key=lambda t: (t == "memorization", t in CODE_TASKS, t))
     if final_records:
-        lines += ["| benchmark | shots | metric | score |", "|---|---:|---|---:|"]
+        lines += ["| benchmark | setting | metric | score |", "|---|---|---|---:|"]
         for t in tasks:
-            if t in final_records:
-                name, value = headline_metric(t, final_records[t]["metrics"])
-                if value is not None:
-                    lines.append(f"| {t} | {final_records[t]['shots']} | {name} | {value:.3f} |")
+            name, value = headline_metric(t, final_records[t]["metrics"])
+            if value is not None:
+                lines.append(f"| {t} | {describe_setting(final_records[t])} | {name} | {value:.3f} |")
         lines += ["", "Every checkpoint's scores: `eval/results.jsonl`; the table in `report/report.md`.", ""]
     else:
         lines += ["No benchmark sweep was run before release (`crystal eval RUN_DIR --tasks ...`).", ""]

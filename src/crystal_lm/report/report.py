@@ -144,13 +144,52 @@ def headline(task: str, metrics: dict) -> float | None:
     return headline_metric(task, metrics)[1]
 
 
+def _setting(r: dict) -> tuple:
+    """What, besides the checkpoint, decides a record's value: shots, item limit, code sampling, seed, data."""
+    return (r.get("shots"), r.get("limit"), r.get("settings"), r.get("seed"), r.get("data"))
+
+
+def describe_setting(r: dict) -> str:
+    """A record's setting in words, e.g. `first 30 items, 25-shot` or `all items, 0-shot, crystal sampling`."""
+    parts = ["all items" if r.get("limit") is None else f"first {r['limit']} items"]
+    if r["task"] not in CODE_TASKS and r["task"] != "memorization":
+        parts.append(f"{r.get('shots', 0)}-shot")
+    if r.get("settings"):
+        parts.append(f"{r['settings']} sampling")
+    return ", ".join(parts)
+
+
+def select_series(results: list[dict]) -> tuple[list[dict], dict[str, str], list[str]]:
+    """One setting per task, so a column, a curve or an average never mixes scores of different settings:
+    the setting that covers the most checkpoints (ties: the one written last). Returns its records, each
+    task's setting in words, and a line for each setting left out."""
+    groups: dict[str, dict[tuple, list[tuple[int, dict]]]] = {}
+    for i, r in enumerate(results):
+        if r["task"] != "val_loss":
+            groups.setdefault(r["task"], {}).setdefault(_setting(r), []).append((i, r))
+    chosen: list[tuple[int, dict]] = []
+    described: dict[str, str] = {}
+    omitted: list[str] = []
+    for task, by_setting in groups.items():
+
+        def rank(item: tuple) -> tuple[int, int]:
+            recs = item[1]
+            return len({r["weights"] for _, r in recs}), max(i for i, _ in recs)
+
+        ordered = sorted(by_setting.items(), key=rank, reverse=True)
+        chosen += ordered[0][1]
+        described[task] = describe_setting(ordered[0][1][0][1])
+        for _, recs in ordered[1:]:
+            n = len({r["weights"] for _, r in recs})
+            omitted.append(f"{task} ({describe_setting(recs[0][1])}; {n} checkpoint{'s' * (n != 1)})")
+    return [r for _, r in sorted(chosen, key=lambda x: x[0])], described, omitted
+
+
 def benchmark_table(results: list[dict]) -> tuple[list[str], list[dict]]:
-    """Per checkpoint (in token order): tokens, stage and the headline of each scored task. Where a task was
-    evaluated more than once for a checkpoint (another limit or settings), the latest record counts."""
+    """Per checkpoint (in token order): tokens, stage and the headline of each scored task, each task in one
+    setting (`select_series`); a result evaluated again in that setting: the latest record counts."""
     rows: dict[str, dict] = {}
-    for r in results:
-        if r["task"] == "val_loss":
-            continue
+    for r in select_series(results)[0]:
         row = rows.setdefault(
             r["weights"], {"checkpoint": r["checkpoint"], "tokens": r["tokens"], "stage": r["stage_index"]}
         )
@@ -246,12 +285,22 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
     for row in rows:
         cells = " | ".join(_fmt(row.get(t)) for t in tasks)
         lines.append(f"| {row['checkpoint']} | {row['tokens']:,} | {cells} |")
+    _, settings, omitted = select_series(results)
     lines += [
         "",
         "Headline metric per task: pass@1 for code, acc_norm (else acc, else exact match) for language, "
-        "the trained-sample match for memorization.",
+        "the trained-sample match for memorization. Each column, curve and average holds one setting: "
+        + "; ".join(f"{t}: {settings[t]}" for t in tasks)
+        + ".",
         "",
     ]
+    if omitted:
+        lines += [
+            "Left out of the table and plots (another setting than the column's): "
+            + "; ".join(omitted)
+            + ".",
+            "",
+        ]
     scored = [t for t in tasks if t != "memorization"]
     if scored:
         plot_benchmarks(scored, rows, bounds, run_dir / "benchmarks.png")
@@ -260,7 +309,7 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
         if any(a["language"] is not None or a["code"] is not None for a in avg):
             plot_language_vs_code(avg, bounds, run_dir / "language_vs_code.png")
             lines += ["![language average and code average](language_vs_code.png)", ""]
-    memo = [r for r in results if r["task"] == "memorization"]
+    memo = [r for r in select_series(results)[0] if r["task"] == "memorization"]
     if memo:
         plot_memorization(memo, bounds, run_dir / "memorization.png")
         last = max(memo, key=lambda r: r["tokens"])["metrics"]
