@@ -243,12 +243,13 @@ def _run_dir_of(target: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.eval.sweep import check_target, sweep
 
     targets = [Path(t) for t in args.targets]
     for t in targets:
         if not t.exists():
             raise FileNotFoundError(f"{t}: does not exist (give a run folder or a checkpoint folder)")
+        check_target(t)
     run_dir = _run_dir_of(targets[0])
     tasks = args.tasks.split(",")
     recipe = None
@@ -696,10 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--completions", help="JSONL with task_id and completion per line")
     source.add_argument("--checkpoint", help="generate the completions with this checkpoint (or run folder)")
     p.add_argument("--settings", default="greedy", help="with --checkpoint: greedy, crystal, psm or spm")
-    p.add_argument("--limit", type=int, help="with --checkpoint: the first N problems")
+    p.add_argument("--limit", type=_positive(int), help="with --checkpoint: the first N problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON (pass@k and per-task results)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per program")
     p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")
     p.set_defaults(func=cmd_eval_code)
 
@@ -708,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks", default="arc_challenge,arc_easy,hellaswag,winogrande,piqa,boolq,openbookqa,mmlu,gsm8k"
     )
-    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--limit", type=_positive(int), help="documents per task (default: all)")
     p.add_argument("--shots", help="override Crystal's shot counts, e.g. mmlu=0,hellaswag=0")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="result JSON")

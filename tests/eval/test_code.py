@@ -47,6 +47,30 @@ def test_pass_at_k_estimator():
     assert pass_at_k(10, 1, 10) == 1.0
     # 1 - C(15, 10)/C(20, 10)
     assert pass_at_k(20, 5, 10) == pytest.approx(1 - 3003 / 184756)
+    with pytest.raises(ValueError, match="pass@10 is not defined from 5 sample"):
+        pass_at_k(5, 0, 10)  # fewer samples than k: no estimate (not 1.0)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--timeout", "0"), ("--timeout", "-1"), ("--limit", "0")])
+def test_eval_code_rejects_a_timeout_or_limit_below_one(option, value, tmp_path, capsys):
+    from crystal_lm.cli import main
+
+    completions = tmp_path / "c.jsonl"
+    completions.write_text('{"task_id": "HumanEval/0", "completion": "    return True\\n"}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "eval-code",
+                "humaneval",
+                "--completions",
+                str(completions),
+                "--out",
+                str(tmp_path / "o.json"),
+                option,
+                value,
+            ]
+        )
+    assert exc.value.code == 2 and f"argument {option}: '{value}' must be positive" in capsys.readouterr().err
 
 
 def test_samples_per_task_and_bad_input(tmp_path):

@@ -101,3 +101,13 @@ def test_a_torn_last_line_is_cut_before_appending_and_a_bad_middle_line_is_an_er
     store.write_text(lines[0][:30] + "\n" + lines[1])
     with pytest.raises(JsonlError, match=rf"{store}:1: not a JSON record"):
         read_jsonl(store)
+
+
+def test_eval_of_a_hugging_face_folder_says_to_import_it_first(trained_run, tmp_path, capsys):
+    from crystal_lm.cli import main
+    from crystal_lm.interop.llm360 import export_hf
+
+    _, run_dir, _ = trained_run
+    hf = export_hf(run_dir / "checkpoints" / "phase3_checkpoint_000004", tmp_path / "hf")
+    assert main(["eval", str(hf), "--store", str(tmp_path / "r.jsonl"), "--tasks", "arc_easy"]) == 2
+    assert f"run `crystal import {hf} OUT` first" in capsys.readouterr().err

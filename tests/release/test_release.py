@@ -226,3 +226,11 @@ def test_verify_reports_missing_data_order_files_in_its_summary_and_each_checkpo
     combined = (out + err).splitlines()
     assert sum(line.startswith("checkpoint (final, top level):") for line in combined) == 1
     assert sum("test-small_phase1_checkpoint_000003: ok" in line for line in combined) == 1
+
+
+def test_eval_of_a_release_folder_says_to_import_it_first(release, tmp_path, capsys):
+    from crystal_lm.cli import main
+
+    assert main(["eval", str(release), "--store", str(tmp_path / "r.jsonl"), "--tasks", "arc_easy"]) == 2
+    err = capsys.readouterr().err
+    assert "a release folder" in err and f"crystal import {release} OUT" in err

@@ -142,6 +142,10 @@ def load_benchmark(name: str) -> tuple[CodeTask, ...]:
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"pass@k needs 0 <= c <= n and k >= 1 (got n={n}, c={c}, k={k})")
+    if n < k:
+        raise ValueError(f"pass@{k} is not defined from {n} sample(s) per task (needs at least {k})")
     if n - c < k:
         return 1.0
     prob_all_fail = 1.0

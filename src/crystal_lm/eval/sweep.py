@@ -29,12 +29,31 @@ CODE_TASKS = BENCHMARKS
 NEEDS_DATA = ("val_loss", "memorization")
 
 
+def check_target(t: Path) -> None:
+    """A release folder or a Hugging Face (LLM360) model folder is not evaluated directly: say how to import."""
+    if (t / "MANIFEST").is_file():
+        raise BenchmarkError(
+            f"{t}: a release folder (Hugging Face layout); run `crystal import {t} OUT` (or "
+            f"`crystal import {t}/checkpoints/NAME OUT` for one of its checkpoints) first, then evaluate OUT"
+        )
+    if (
+        (t / "config.json").is_file()
+        and not (t / "checksums.json").is_file()
+        and not (t / "checkpoints").is_dir()
+    ):
+        raise BenchmarkError(
+            f"{t}: a Hugging Face model folder (LLM360 layout), not a crystal-lm checkpoint; run "
+            f"`crystal import {t} OUT` first, then evaluate OUT"
+        )
+
+
 def checkpoints_of(targets: list[str | Path]) -> list[Path]:
     """Checkpoint folders: a run folder stands for all of its checkpoints, in time order."""
     out: list[Path] = []
     for t in map(Path, targets):
         if not t.exists():
             raise BenchmarkError(f"{t}: does not exist")
+        check_target(t)
         if (t / "checkpoints").is_dir() or (t / "recipe.json").is_file():
             found = list_checkpoints(t / "checkpoints")
             if not found:
