@@ -145,7 +145,7 @@ def test_data_sizes_must_be_positive_and_the_key_is_named(recipe_dict, key, valu
     d["data"][key] = value
     with pytest.raises(RecipeError, match=rf"r\.yaml: data\.{key}: must be a positive integer.*got {value}"):
         recipe_from_dict(d, "r.yaml")
-    d["data"][key] = 1
+    d["data"][key] = 64 if key == "mixture_block" else 1  # a block of 1 would draw from one source only
     recipe_from_dict(d, "r.yaml")
 
 
@@ -223,4 +223,13 @@ def test_a_fim_domain_no_source_has_is_named(recipe_dict):
     d["stages"][1]["fim"]["domains"] = ["code", "text"]
     recipe_from_dict(d)
     d["stages"][1]["fim"] = {"rate": 0.0, "domains": ["anything"]}  # no FIM: nothing to check
+    recipe_from_dict(d)
+
+
+def test_a_weight_too_small_for_a_slot_of_the_mixture_block_is_named(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["mixture"] = {"prose": 0.9996, "web": 0.0004}  # 0.4 of 1024 slots: never drawn
+    assert "stages[0].mixture.web: weight 0.0004 is a share of 0.0004" in _error(d)
+    assert "raise data.mixture_block to at least 2500" in _error(d)
+    d["data"]["mixture_block"] = 4096  # 1.6 slots: drawn
     recipe_from_dict(d)

@@ -313,6 +313,14 @@ RUN_NEUTRAL_KEYS = frozenset(
         "train.tensorboard",
         "train.wandb",
         "train.peak_tflops",  # only the MFU in the logs
+        # How each step is computed, not what: a run may resume on another number of processes or GPUs,
+        # another layout or with compile switched (results agree to rounding; the data order is the same).
+        "train.micro_batch_size",
+        "train.parallel",
+        "train.threads",
+        "train.loader",
+        "train.compile",
+        "train.activation_checkpointing",
     }
 )
 
@@ -540,6 +548,17 @@ def _validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.mixture.{src}: weight must not be negative, got {w}")
         if sum(st.mixture.values()) <= 0:
             raise RecipeError(f"{where}.mixture: weights sum to zero")
+        from crystal_lm.data.mixture import allocate
+
+        slots = allocate(list(st.mixture.values()), d.mixture_block)
+        for (src, w), n in zip(st.mixture.items(), slots, strict=True):
+            if w > 0 and n == 0:  # its share rounds to no slot of a block: it would never be drawn
+                share = w / sum(st.mixture.values())
+                raise RecipeError(
+                    f"{where}.mixture.{src}: weight {w} is a share of {share:.2g}, less than one of the "
+                    f"{d.mixture_block} slots of a mixture block, so the source would never be drawn; raise "
+                    f"data.mixture_block to at least {math.ceil(1 / share)} or set the weight to 0"
+                )
         for src in st.fim.sources or []:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")

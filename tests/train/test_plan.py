@@ -57,9 +57,10 @@ def test_a_layout_training_would_refuse_is_not_planned():
     recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"))
     with pytest.raises(ValueError, match=r"train\.batch_size 16 is not a multiple of 32 processes"):
         plan(recipe, gpus=32, gpu_memory_gib=80)
-    with pytest.raises(
-        ValueError, match=r"4 sequences of train\.batch_size 16, not a multiple of the micro-batch 3"
-    ):
-        plan(recipe, gpus=4, gpu_memory_gib=80, micro_batch=3)
     assert process_micro_batch(16, None, 4) == 4  # the process's share, as training uses it
     assert process_micro_batch(16, 2, 4) == 2
+    # micro_batch_size is a bound: the largest micro-batch within it that splits the share, so a run resumes
+    # on another number of processes with its recipe unchanged (Crystal 7B: 2112 sequences, micro 66).
+    assert process_micro_batch(16, 3, 4) == 2
+    assert process_micro_batch(8, 8, 2) == 4
+    assert [process_micro_batch(2112, 66, n) for n in (1, 6, 64, 96)] == [66, 44, 33, 22]

@@ -105,6 +105,9 @@ def test_resuming_with_changed_tokenizer_or_data_is_refused(trained_run, prepare
     (run_copy / "data_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirError, match="python/train"):
         train(recipe, run_copy, data=data)
+    (run_copy / "data_manifest.json").write_text(json.dumps(manifest)[:100])  # a torn record names itself
+    with pytest.raises(RunDirError, match=r"data_manifest\.json: unreadable"):
+        train(recipe, run_copy, data=data)
     assert (run_copy / "metrics.jsonl").read_text() == before  # nothing trained on the wrong data
 
 
@@ -306,6 +309,8 @@ def test_a_run_folder_refusal_names_the_keys_and_neutral_keys_may_change(
     d = copy.deepcopy(recipe_dict)
     d["description"] = "a new description"
     d["train"].update(keep_last=5, keep_every=3, log_every=2, tensorboard=False)
+    # ... and so does how a step is computed: a run may resume on another layout or number of processes.
+    d["train"].update(micro_batch_size=1, loader="thread", parallel="fsdp", activation_checkpointing=True)
     again = train(recipe_from_dict(d), run_copy, data=data)
     assert again["stages"] == summary["stages"]
     assert (run_copy / "recipe.json").read_text() == record  # the record stays the run's first recipe

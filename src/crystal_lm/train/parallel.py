@@ -23,21 +23,18 @@ from crystal_lm.model import CrystalModel
 
 
 def process_micro_batch(batch_size: int, micro_batch_size: int | None, processes: int) -> int:
-    """Sequences per process per micro-step: `micro_batch_size`, or the process's whole share of the batch.
-    A ValueError says why `processes` cannot split the batch (training and `crystal plan` both ask here)."""
+    """Sequences per process per micro-step: the largest number up to `micro_batch_size` (a memory bound; by
+    default the process's whole share) that splits the process's share of the batch evenly. So a run resumes
+    on another number of processes with its recipe unchanged. A ValueError says why `processes` cannot split
+    the batch (training and `crystal plan` both ask here)."""
     if batch_size % processes:
         raise ValueError(
             f"train.batch_size {batch_size} is not a multiple of {processes} processes (GPUs): each must "
             "compute the same number of sequences"
         )
     share = batch_size // processes
-    micro = micro_batch_size or share
-    if share % micro:
-        raise ValueError(
-            f"each of {processes} processes computes {share} sequences of train.batch_size {batch_size}, "
-            f"not a multiple of the micro-batch {micro}"
-        )
-    return micro
+    cap = min(micro_batch_size or share, share)
+    return max(m for m in range(1, cap + 1) if share % m == 0)
 
 
 @dataclass(frozen=True)

@@ -342,8 +342,14 @@ def refuse_changed_data(run_dir: Path, resume: Path, data: PreparedData) -> None
     recorded = run_dir / "data_manifest.json"
     if not recorded.is_file():
         return
+    try:
+        before = json.loads(recorded.read_text())
+    except ValueError as exc:
+        raise RunDirError(
+            f"{recorded}: unreadable ({exc}); restore it, or delete it to resume without comparing the data"
+        ) from None
     before_shards, now_shards = (
-        _shard_hashes(json.loads(recorded.read_text())),
+        _shard_hashes(before),
         _shard_hashes(data.manifest()),
     )
     changed = sorted(
@@ -395,7 +401,10 @@ def train(
     world.barrier()
     tokenizer_path = run_dir / "tokenizer.json"
     if world.main:
-        (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest(), indent=1) + "\n")
+        manifest = run_dir / "data_manifest.json"
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data.manifest(), indent=1) + "\n")
+        tmp.replace(manifest)  # atomic: resuming compares against it
         shutil.copyfile(data.tokenizer.path, tokenizer_path)
 
     state = TrainState(recipe_fingerprint=recipe.fingerprint())
