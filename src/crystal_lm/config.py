@@ -222,6 +222,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     batch_size: int
+    # At most this many sequences per process per micro-step (gradient accumulation; None: a process's whole
+    # share). Each process uses the largest micro-batch within it that splits its share evenly.
     micro_batch_size: int | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     # CPU threads for torch (None = torch's default).
