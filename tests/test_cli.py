@@ -7,11 +7,30 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
 def crystal(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "crystal_lm.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture()
+def crystal_here(capsys):
+    """The command line in this process, for exit codes and messages: no interpreter start-up (and torch
+    import) per call. An exception the CLI does not turn into a message fails the test."""
+    from crystal_lm.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
 
 
 def test_info_prints_the_7b_parameter_count():
@@ -32,12 +51,12 @@ def test_bad_recipe_is_a_clear_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_generate_infill_eval_and_report(trained_run):
+def test_generate_infill_eval_and_report(trained_run, crystal_here):
     _, run_dir, summary = trained_run
     ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
-    out = crystal("generate", ckpt, "--prompt", "import ", "--max-new-tokens", "8", "--temperature", "0")
+    out = crystal_here("generate", ckpt, "--prompt", "import ", "--max-new-tokens", "8", "--temperature", "0")
     assert out.returncode == 0 and out.stdout.startswith("import ")
-    out = crystal(
+    out = crystal_here(
         "infill",
         ckpt,
         "--prefix",
@@ -49,40 +68,40 @@ def test_generate_infill_eval_and_report(trained_run):
         "--json",
     )
     assert out.returncode == 0 and set(json.loads(out.stdout)) == {"prefix", "middle", "suffix"}
-    out = crystal("eval", ckpt, "--json", "--store", str(run_dir / "cli-eval.jsonl"))
+    out = crystal_here("eval", ckpt, "--json", "--store", str(run_dir / "cli-eval.jsonl"))
     assert out.returncode == 0, out.stderr
     (record,) = json.loads(out.stdout)
     assert abs(record["metrics"]["code"] - summary["stages"][2]["val_loss"]["code"]) < 1e-6
-    out = crystal("report", str(run_dir))
+    out = crystal_here("report", str(run_dir))
     assert out.returncode == 0 and (run_dir / "report.md").is_file()
 
 
-def test_export_import_and_info_round_trip(trained_run, tmp_path):
+def test_export_import_and_info_round_trip(trained_run, tmp_path, crystal_here):
     _, run_dir, _ = trained_run
     ckpt = run_dir / "checkpoints" / "phase3_checkpoint_000004"
-    out = crystal("export", str(ckpt), "--out", str(tmp_path / "hf"))
+    out = crystal_here("export", str(ckpt), "--out", str(tmp_path / "hf"))
     assert out.returncode == 0, out.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in (tmp_path / "hf").iterdir()
     }
-    out = crystal("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    out = crystal_here("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
     assert out.returncode == 0, out.stderr
     counts = [
-        json.loads(crystal("info", str(p), "--json").stdout)["parameters"]
+        json.loads(crystal_here("info", str(p), "--json").stdout)["parameters"]
         for p in (ckpt, tmp_path / "hf", tmp_path / "back")
     ]
     assert counts[0] == counts[1] == counts[2] > 0
-    again = crystal("export", str(ckpt), "--out", str(tmp_path / "hf"))
+    again = crystal_here("export", str(ckpt), "--out", str(tmp_path / "hf"))
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_coord_check_command(tmp_path):
-    out = crystal("mup", "coord-check", "--out", str(tmp_path), "--widths", "64,128", "--steps", "2")
+def test_coord_check_command(tmp_path, crystal_here):
+    out = crystal_here("mup", "coord-check", "--out", str(tmp_path), "--widths", "64,128", "--steps", "2")
     assert out.returncode == 0, out.stderr
     assert "mup:" in out.stdout and (tmp_path / "coord_check.png").is_file()
 
 
-def test_eval_code_scores_a_completions_file(tmp_path):
+def test_eval_code_scores_a_completions_file(tmp_path, crystal_here):
     from crystal_lm.eval.code import load_benchmark
 
     tasks = load_benchmark("humaneval")[:6]
@@ -90,7 +109,7 @@ def test_eval_code_scores_a_completions_file(tmp_path):
     lines += [{"task_id": t.task_id, "completion": "    return None\n"} for t in tasks[3:]]
     completions = tmp_path / "c.jsonl"
     completions.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = crystal(
+    out = crystal_here(
         "eval-code", "humaneval", "--completions", str(completions), "--out", str(tmp_path / "r.json")
     )
     assert out.returncode == 0, out.stderr
@@ -99,49 +118,51 @@ def test_eval_code_scores_a_completions_file(tmp_path):
     assert result["per_task"][tasks[0].task_id]["results"][0]["status"] == "passed"
 
 
-def test_data_order_sample_and_stats_commands(trained_run):
+def test_data_order_sample_and_stats_commands(trained_run, crystal_here):
     """The published order through the CLI, from the run folder's recorded recipe, agrees with training."""
     from crystal_lm.data.loader import StageData
     from crystal_lm.data.prepare import prepare_data
 
     recipe, run_dir, _ = trained_run
-    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "4", "--count", "3", "--json")
+    out = crystal_here(
+        "data", "order", str(run_dir), "--stage", "2", "--start", "4", "--count", "3", "--json"
+    )
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["index"] for r in records] == [4, 5, 6] and all(r["step"] == 1 for r in records)
     stage = StageData(recipe, prepare_data(recipe), 1)
     assert [r["source"] for r in records] == [stage.sample(i)[3] for i in (4, 5, 6)]
-    out = crystal("data", "sample", str(run_dir), "--stage", "stage2", "--index", "5", "--json")
+    out = crystal_here("data", "sample", str(run_dir), "--stage", "stage2", "--index", "5", "--json")
     sample = json.loads(out.stdout)
     assert sample["input_ids"] == stage.sample(5)[0].tolist()
     assert sample["loss_mask"] == stage.sample(5)[2].astype(int).tolist()
-    out = crystal("data", "stats", str(run_dir))
+    out = crystal_here("data", "stats", str(run_dir))
     assert out.returncode == 0 and "stage3" in out.stdout and "python" in out.stdout
-    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
+    out = crystal_here("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
     assert out.returncode == 2 and "out of range" in out.stderr and "Traceback" not in out.stderr
-    out = crystal("data", "order", str(run_dir), "--stage", "7")
+    out = crystal_here("data", "order", str(run_dir), "--stage", "7")
     assert out.returncode == 2 and "stages 1-3" in out.stderr
 
 
-def test_release_verify_and_unreachable_push(trained_run, tmp_path):
+def test_release_verify_and_unreachable_push(trained_run, tmp_path, crystal_here):
     _, run_dir, _ = trained_run
-    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel"))
+    out = crystal_here("release", str(run_dir), "--out", str(tmp_path / "rel"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "rel" / "README.md").is_file()
-    out = crystal("verify", str(tmp_path / "rel"))
+    out = crystal_here("verify", str(tmp_path / "rel"))
     assert out.returncode == 0 and "release OK" in out.stdout, out.stdout + out.stderr
     (tmp_path / "rel" / "recipe.yaml").write_text("altered\n")
-    out = crystal("verify", str(tmp_path / "rel"), "--skip-data")
+    out = crystal_here("verify", str(tmp_path / "rel"), "--skip-data")
     assert out.returncode == 1 and "ALTERED  recipe.yaml" in out.stdout
-    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel"))
+    out = crystal_here("release", str(run_dir), "--out", str(tmp_path / "rel"))
     assert out.returncode == 2 and "--overwrite" in out.stderr
     missing = f"file://{tmp_path / 'no-hub.git'}"
-    out = crystal("release", str(run_dir), "--out", str(tmp_path / "rel2"), "--push", missing)
+    out = crystal_here("release", str(run_dir), "--out", str(tmp_path / "rel2"), "--push", missing)
     assert out.returncode == 2 and "cannot reach" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "rel2").exists()  # nothing built before the hub was found unreachable
 
 
-def test_generate_options_take_escapes_and_bad_values_are_clear_errors(trained_run, tmp_path):
+def test_generate_options_take_escapes_and_bad_values_are_clear_errors(trained_run, tmp_path, crystal_here):
     from crystal_lm.cli import unescape
 
     # As a shell passes them: backslash escapes decoded, non-ASCII text and unknown escapes left alone.
@@ -149,20 +170,22 @@ def test_generate_options_take_escapes_and_bad_values_are_clear_errors(trained_r
     assert unescape(r"é→\t\\n C:\dir \x41") == "é→\t\\n C:\\dir A"
     _, run_dir, _ = trained_run
     ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
-    out = crystal("generate", ckpt, "--prompt", r"a\nb", "--max-new-tokens", "2", "--temperature", "0")
+    out = crystal_here("generate", ckpt, "--prompt", r"a\nb", "--max-new-tokens", "2", "--temperature", "0")
     assert out.returncode == 0 and out.stdout.startswith("a\nb"), out.stderr
     for bad, message in (
         (["--prompt", "x " * 100], r"the prompt is \d+ tokens, the model's context is 64: shorten it"),
         (["--prompt", "x", "--top-k", "-5"], "top_k: must be a positive number"),
     ):
-        out = crystal("generate", ckpt, *bad)
+        out = crystal_here("generate", ckpt, *bad)
         assert out.returncode == 2 and re.search(f"crystal: error: {message}", out.stderr), out.stderr
     # A run folder exports its newest checkpoint, as generate reads it.
-    out = crystal("export", str(run_dir), "--out", str(tmp_path / "hf"))
+    out = crystal_here("export", str(run_dir), "--out", str(tmp_path / "hf"))
     assert out.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), out.stderr
 
 
-def test_a_file_in_place_of_a_folder_is_a_one_line_error_naming_it(recipe_dict, write_recipe, tmp_path):
+def test_a_file_in_place_of_a_folder_is_a_one_line_error_naming_it(
+    recipe_dict, write_recipe, tmp_path, crystal_here
+):
     recipe = str(write_recipe(recipe_dict))
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
@@ -171,7 +194,7 @@ def test_a_file_in_place_of_a_folder_is_a_one_line_error_naming_it(recipe_dict, 
         (["train", recipe, "--out", str(afile / "sub")], f"{afile / 'sub'}: Not a directory"),
         (["data", "prepare", recipe, "--cache-dir", str(afile)], f"{afile}"),
     ):
-        out = crystal(*args)
+        out = crystal_here(*args)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert (
             f"crystal: error: {message}" in out.stderr and "a file is where a folder is needed" in out.stderr
@@ -203,7 +226,7 @@ def test_a_diverged_run_is_a_clear_error_naming_the_checkpoint_to_start_from(
     assert f"--init-from {good}" in err and "from stage 1 on" in err and good.is_dir()
 
 
-def test_plan_refuses_impossible_layouts_and_bad_numbers():
+def test_plan_refuses_impossible_layouts_and_bad_numbers(crystal_here):
     tiny = str(REPO / "recipes" / "tiny.yaml")
     for args, message in (
         (["--gpus", "0"], "argument --gpus: '0' must be positive"),
@@ -214,28 +237,28 @@ def test_plan_refuses_impossible_layouts_and_bad_numbers():
         (["--micro-batch", "-1"], "argument --micro-batch: '-1' must be positive"),
         (["--gpus", "32"], "not possible on 32 GPU(s), training would refuse it: train.batch_size 16"),
     ):
-        out = crystal("plan", tiny, *args)
+        out = crystal_here("plan", tiny, *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
-    out = crystal("plan", tiny, "--gpus", "4")
+    out = crystal_here("plan", tiny, "--gpus", "4")
     assert out.returncode == 0 and "micro-batch 4 × " in out.stdout, out.stderr
 
 
-def test_data_order_and_eval_messages_say_what_is_wrong(trained_run, tmp_path):
+def test_data_order_and_eval_messages_say_what_is_wrong(trained_run, tmp_path, crystal_here):
     _, run_dir, _ = trained_run
-    out = crystal("data", "order", str(run_dir), "--stage", "2", "--count", "-5")
+    out = crystal_here("data", "order", str(run_dir), "--stage", "2", "--count", "-5")
     assert out.returncode == 2 and "argument --count: '-5' must be positive" in out.stderr
-    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "-1")
+    out = crystal_here("data", "order", str(run_dir), "--stage", "2", "--start", "-1")
     assert out.returncode == 2 and "argument --start: '-1' must be at least 0" in out.stderr
-    out = crystal("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
+    out = crystal_here("data", "order", str(run_dir), "--stage", "2", "--start", "10000", "--count", "1")
     assert (
         "crystal: error: stage 2 'stage2': sample 10000 out of range" in out.stderr
     )  # --stage counts from 1
     empty = tmp_path / "run"
     empty.mkdir()
     (empty / "recipe.json").write_text((run_dir / "recipe.json").read_text())
-    out = crystal("eval", str(empty))
+    out = crystal_here("eval", str(empty))
     assert (
         out.returncode == 2 and f"crystal: error: {empty}: a run folder with no checkpoints yet" in out.stderr
     )
-    out = crystal("eval", str(tmp_path / "nowhere"))
+    out = crystal_here("eval", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and f"crystal: error: {tmp_path / 'nowhere'}: does not exist" in out.stderr
