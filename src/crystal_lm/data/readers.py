@@ -129,7 +129,7 @@ _SKIP_HINT = "or set the source's on_error: skip to count and skip such records"
 _MAX_EXAMPLES = 5
 _DISCARD_CHUNK = 64 * 1024
 # A JSONL line may be this many times max_doc_bytes (plus the slack, for other fields) before it is skipped
-# unread: a \uXXXX escape takes 6 bytes for a character of 1 to 3 UTF-8 bytes (a surrogate pair 12 for 4),
+# unread: a \u escape (6 bytes) stands for a character of 1 to 3 UTF-8 bytes (a surrogate pair 12 for 4),
 # so a text within max_doc_bytes fits unless it is mostly escaped control characters.
 _RAW_LINE_FACTOR = 4
 _RAW_LINE_SLACK = 64 * 1024

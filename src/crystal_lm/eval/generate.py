@@ -182,7 +182,9 @@ def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
 def decode_continuation(tok: Tokenizer, prompt: list[int], new: list[int]) -> str:
     """The text `new` adds after `prompt`. Decoding `new` alone is wrong with a SentencePiece-style tokenizer
     (LLaMA's, Crystal's): its decoder drops the leading space of the text, here the space of the first new
-    word, so "ab" + " cd" would read "abcd"."""
+    word, so "ab" + " cd" would read "abcd". A few prompt tokens are context enough, and keep this cheap when
+    it runs at every step (stop strings)."""
+    prompt = prompt[-16:]
     head = tok.decode(prompt, skip_special_tokens=True)
     full = tok.decode([*prompt, *new], skip_special_tokens=True)
     if full.startswith(head):
