@@ -140,10 +140,10 @@ def verify_checkpoint(directory: Path) -> None:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
 
 
-def _order(path: Path) -> tuple[int, int]:
+def checkpoint_position(path: Path) -> tuple[int, int] | None:
+    """(phase, step) as numbers from a checkpoint's name (phase counts from 1), or None for another name."""
     m = NAME_RE.match(path.name)
-    assert m is not None
-    return int(m.group(1)), int(m.group(2))
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -151,7 +151,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     phase9 and step 1,000,000 before 999,999."""
     if not Path(root).is_dir():
         return []
-    return sorted((p for p in Path(root).iterdir() if p.is_dir() and NAME_RE.match(p.name)), key=_order)
+    found = [p for p in Path(root).iterdir() if p.is_dir() and checkpoint_position(p)]
+    return sorted(found, key=checkpoint_position)  # type: ignore[arg-type]
 
 
 def latest_checkpoint(root: Path) -> Path | None:

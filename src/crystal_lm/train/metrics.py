@@ -57,6 +57,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file so that a kill leaves the old contents or the new, never half of them."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class JsonlLog:
     """Append-only JSONL log, flushed per record. `truncate_after` drops records past a resume point.
 
@@ -73,9 +80,7 @@ class JsonlLog:
     def truncate_after(self, global_step: int) -> None:
         keep = [r for r in read_jsonl(self.path) if r.get("global_step", 0) <= global_step]
         self.file.close()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -27,9 +27,9 @@ from crystal_lm.data.prepare import PreparedData, prepare_data
 from crystal_lm.eval.validation import validation_loss
 from crystal_lm.model import CrystalModel, build_model, param_groups
 from crystal_lm.train.checkpoint import (
-    NAME_RE,
     TrainState,
     checkpoint_name,
+    checkpoint_position,
     clean_partial,
     latest_checkpoint,
     list_checkpoints,
@@ -41,7 +41,7 @@ from crystal_lm.train.checkpoint import (
     staging_dir,
 )
 from crystal_lm.train.loggers import ExtraLoggers
-from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl
+from crystal_lm.train.metrics import JsonlLog, Progress, read_jsonl, write_text_atomic
 from crystal_lm.train.parallel import (
     World,
     flops_per_token,
@@ -126,10 +126,10 @@ def restore_optimizer(
 def _position(checkpoint: Path, recipe: Recipe) -> tuple[int, int, int] | None:
     """(stage index, step in the stage, global step) of a checkpoint, from its name and the recipe: no file
     inside it is read, so a damaged folder (a kill in the middle of its removal) still has a position."""
-    m = NAME_RE.match(checkpoint.name)
-    if m is None or not 1 <= int(m.group(1)) <= len(recipe.stages):
+    where = checkpoint_position(checkpoint)
+    if where is None or not 1 <= where[0] <= len(recipe.stages):
         return None
-    stage, step = int(m.group(1)) - 1, int(m.group(2))
+    stage, step = where[0] - 1, where[1]
     return stage, step, sum(recipe.stage_steps(s) for s in recipe.stages[:stage]) + step
 
 
@@ -217,9 +217,7 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
         "source_file": recipe.source_file,
         "recipe": recipe.to_dict(),
     }
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=1, default=list) + "\n")
-    tmp.replace(record)  # atomic: a kill never leaves half a record
+    write_text_atomic(record, json.dumps(body, indent=1, default=list) + "\n")
     if recipe.source_file:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
 
@@ -401,10 +399,8 @@ def train(
     world.barrier()
     tokenizer_path = run_dir / "tokenizer.json"
     if world.main:
-        manifest = run_dir / "data_manifest.json"
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data.manifest(), indent=1) + "\n")
-        tmp.replace(manifest)  # atomic: resuming compares against it
+        # Atomic: resuming compares against it.
+        write_text_atomic(run_dir / "data_manifest.json", json.dumps(data.manifest(), indent=1) + "\n")
         shutil.copyfile(data.tokenizer.path, tokenizer_path)
 
     state = TrainState(recipe_fingerprint=recipe.fingerprint())
@@ -603,7 +599,7 @@ def _diverged_advice(recipe: Recipe, run_dir: Path, last_good: Path | None) -> s
             f"No checkpoint was written. Lower lr.peak (or check the data) in {source} and train into a new "
             f"folder: crystal train {source} --out {new_dir}"
         )
-    stage = int(NAME_RE.match(last_good.name).group(1))
+    stage = checkpoint_position(last_good)[0]  # type: ignore[index]
     return (
         f"The last good state is {last_good}. To go on with a lower lr.peak (or fixed data), start a new run "
         f"from it: crystal train NEW_RECIPE --out {new_dir} --init-from {last_good}. It starts at its recipe's "
