@@ -19,6 +19,15 @@ SHAPES = {
 }
 
 
+def result_tag(device_name: str | None) -> str:
+    """The results file's suffix: "cpu", or the GPU's model ("h100" for "NVIDIA H100 80GB HBM3", "h200")."""
+    if device_name is None:
+        return "cpu"
+    words = [w.lower() for w in device_name.replace("-", " ").split() if w.upper() != "NVIDIA"]
+    model = next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "gpu")
+    return "".join(c for c in model if c.isalnum())
+
+
 def tiny_recipe(edit: Callable[[dict], None]) -> Recipe:
     """recipes/tiny.yaml with `edit(raw)` applied to its raw dict before validation."""
     import yaml

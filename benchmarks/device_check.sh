@@ -13,7 +13,8 @@
 # Rehearsal here, on CPU with small shapes, in an environment like the device's (no ftfy or zstandard):
 #   WHEEL_PYTHON=3.11 bash benchmarks/device_check.sh --prepare   # wheels for this machine's Python
 #   DEVICE_CHECK_DEVICE=cpu PYTHON=/path/to/that/python bash benchmarks/device_check.sh
-# Each part has its own time limit, and a part that fails does not stop the next. Results go to
+# Each part has its own time limit (together with their grace periods, 540 s: under the call's 580), and a part
+# that fails does not stop the next. Results go to
 # benchmarks/results/ and, with the logs, to $OUT (or /tmp/device_check when OUT is unset).
 set -u
 cd "$(dirname "$0")/.."
@@ -52,17 +53,18 @@ part() {  # part NAME SECONDS COMMAND...: runs one part with its limit, logging 
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
+  # Results reach $OUT as each part ends: if the whole call is cut short, the parts done still come back.
+  find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;
 }
 
-part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; $PY -c \
+part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; $PY -c \
   'import torch, transformers, crystal_lm.data.build; print(torch.__version__, transformers.__version__, torch.cuda.is_available())'"
 if [[ "${DEVICE_CHECK_DEVICE:-cuda}" == cpu ]]; then  # a rehearsal here: same steps, small shapes
   part train 600 $PY benchmarks/train_throughput.py --device cpu --batch 4 --steps 4 --warmup 1 --repeats 1 --with-loader
   part generate 300 $PY benchmarks/generate_throughput.py --new-tokens 16 --repeats 1
 else
-  part train 400 $PY benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --repeats 2 --with-loader
-  part generate 130 $PY benchmarks/generate_throughput.py --shape 1.3b --device cuda --dtype bfloat16 --repeats 2
+  part train 330 $PY benchmarks/train_throughput.py --device cuda --shape 1.3b --batch 8 --repeats 2 --with-loader
+  part generate 150 $PY benchmarks/generate_throughput.py --shape 1.3b --device cuda --dtype bfloat16 --repeats 2
 fi
-find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;
 rm -f "$OUT/.start"
 ls -l "$OUT"

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from common import result_tag  # benchmarks/common.py: run as a script, benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +56,8 @@ def main() -> None:
             vocab_size=32032, d_model=2048, n_layers=24, n_heads=16, d_ff=5461, max_seq_len=2048
         )
         mup = MupConfig(base_width=256)
-    model = build_model(model_cfg, mup, seed=0)
+    # Initialised on the device: 1.3B parameters on a few CPU threads take minutes.
+    model = build_model(model_cfg, mup, device=args.device if args.shape == "1.3b" else "cpu", seed=0)
     source = "random init"
     found = latest_checkpoint(REPO / "runs" / "demo" / "checkpoints") if args.shape == "tiny" else None
     if found is not None:
@@ -123,6 +127,11 @@ def main() -> None:
                 "greedy_agreement": agreement,
             }
         )
+        print(
+            f"batch {batch}: {timing['crystal_lm']:,.0f} against {timing['transformers']:,.0f} tokens/s",
+            flush=True,
+        )
+        out = write_result(args, rows, source)  # each batch size kept as soon as it is measured
 
     print(
         f"generation, {args.shape} model ({sum(p.numel() for p in model.parameters()):,} params, {source}), "
@@ -134,6 +143,10 @@ def main() -> None:
             f"{r['batch']:>5} | {r['tokens_per_s']:>16,.0f} | {r['transformers_tokens_per_s']:>18,.0f} | "
             f"{r['ratio_vs_peer']:>5.2f}"
         )
+    print(f"written: {out.relative_to(REPO)}")
+
+
+def write_result(args: argparse.Namespace, rows: list[dict], source: str) -> Path:
     cuda = args.device.startswith("cuda")
     device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {args.threads} threads)"
     result = {
@@ -145,10 +158,9 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rows": rows,
     }
-    tag = device.replace(" ", "_").lower() if cuda else "cpu"
-    out = REPO / "benchmarks" / "results" / f"generate_throughput_{tag}.json"
+    out = REPO / "benchmarks" / "results" / f"generate_throughput_{result_tag(device if cuda else None)}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {out.relative_to(REPO)}")
+    return out
 
 
 if __name__ == "__main__":

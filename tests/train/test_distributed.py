@@ -178,3 +178,22 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A10", 125.0),
+        ("Tesla T4", None),
+    ],
+)
+def test_mfu_peak_is_that_of_the_most_specific_device_name(name, peak):
+    from crystal_lm.train.parallel import peak_tflops_of
+
+    assert peak_tflops_of(name) == peak

@@ -38,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - target) * m).sum()
             if needs_grad:
                 probs = torch.exp(logits.sub_(lse[:, None]))
-                probs[torch.arange(len(y)), y] -= 1.0
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # a CPU index would sync
                 probs.mul_((m * (scale / denom))[:, None])
                 probs = probs.to(weight.dtype)
                 grad_h[start : start + chunk] = probs @ weight

@@ -144,17 +144,32 @@ def load_optimizer_state(
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options(world))
 
 
-# Dense bf16 peak TFLOP/s (no sparsity) by device name, for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 peak TFLOP/s (no sparsity) by device name, for MFU. The most specific name that the device's
+# name contains wins: an "H100 PCIe" is not an SXM H100.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "H200 NVL": 835.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 
 
 def peak_tflops(configured: float | None, device: str) -> float | None:
     if configured is not None:
         return configured
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return peak_tflops_of(torch.cuda.get_device_name(torch.device(device)))
     return None
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    known = [k for k in PEAK_TFLOPS if k in device_name]
+    return PEAK_TFLOPS[max(known, key=len)] if known else None
 
 
 def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
