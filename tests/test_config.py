@@ -102,6 +102,32 @@ def test_continue_previous_needs_a_previous_stage(recipe_dict):
     assert "stages[0].lr.continue_previous" in _error(d)
 
 
+def test_continuing_a_stage_that_decayed_to_zero_is_refused(recipe_dict):
+    """Stage 1 without decay_steps decays to its default end, 0, within itself: stage 2 continuing its line
+    trained every step at LR 0, silently."""
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["lr"] = {"warmup_steps": 2, "peak": 0.01}
+    assert "stages[1].lr.continue_previous: stage 'stage1' has already decayed to an LR of 0" in _error(d)
+    d["stages"][0]["lr"]["end"] = 0.001  # stopping at a positive end, the next stage continues flat: allowed
+    recipe_from_dict(d)
+
+
+def test_a_source_named_like_a_domain_of_other_sources_is_refused(recipe_dict):
+    """Validation loss keys sources and domains alike: a source `code` beside another code source summed
+    its figure into the domain's."""
+    d = copy.deepcopy(recipe_dict)
+    sources = d["data"]["sources"]
+    sources["code"] = sources.pop("python")
+    for stage in d["stages"]:
+        if "python" in stage["mixture"]:
+            stage["mixture"]["code"] = stage["mixture"].pop("python")
+    assert "data.sources.code: named like the domain 'code' of sources web, code" in _error(d)
+    del sources["web"]  # the domain's only source may carry its name: one figure, reported once
+    for stage in d["stages"]:
+        stage["mixture"].pop("web", None)
+    recipe_from_dict(d)
+
+
 def test_yaml_scientific_notation_without_dot_is_a_number(recipe_dict):
     d = copy.deepcopy(recipe_dict)
     d["optimizer"] = {"eps": "1e-9"}  # PyYAML reads `1e-9` as a string

@@ -488,6 +488,18 @@ def _validate(recipe: Recipe) -> None:
                 raise RecipeError(
                     f"{where}.embedded: unknown part {src.embedded!r} (known: {', '.join(EMBEDDED_PARTS)})"
                 )
+    domain_sources: dict[str, list[str]] = {}
+    for name, src in d.sources.items():
+        domain_sources.setdefault(src.domain, []).append(name)
+    for name in d.sources:
+        # Validation loss is reported per source and per domain under one set of keys: a source named like
+        # a domain of other sources would have its figure and the domain's summed into one wrong number.
+        if name in domain_sources and domain_sources[name] != [name]:
+            raise RecipeError(
+                f"data.sources.{name}: named like the domain {name!r} of sources "
+                f"{', '.join(domain_sources[name])}; validation loss reports sources and domains under one "
+                f"set of names, so rename the source (e.g. {name}_src)"
+            )
     for key, value in (
         ("data.seq_len", d.seq_len),
         ("model.d_model", m.d_model),
@@ -606,6 +618,23 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.lr.end: must not be negative")
         if lr.warmup_steps < 0 or (lr.decay_steps is not None and lr.decay_steps <= 0):
             raise RecipeError(f"{where}.lr: warmup_steps must be >= 0 and decay_steps > 0")
+    _check_continued_schedules(recipe)
+
+
+def _check_continued_schedules(recipe: Recipe) -> None:
+    """A stage that continues the previous one's line starts where that stage stopped: if it stopped at an LR
+    of 0 (its decay fitted within it, towards the default end 0), the whole stage would train at LR 0."""
+    from crystal_lm.train.schedule import stage_schedules
+
+    for i, (stage, schedule) in enumerate(zip(recipe.stages, stage_schedules(recipe), strict=True)):
+        if stage.lr.continue_previous and schedule.peak <= 0:
+            prev = recipe.stages[i - 1]
+            raise RecipeError(
+                f"stages[{i}].lr.continue_previous: stage {prev.name!r} has already decayed to an LR of 0 by "
+                f"its end ({recipe.stage_steps(prev):,} steps), so this stage would train at LR 0. Give stage "
+                f"{prev.name!r} a decay_steps longer than the stage and an end (as Crystal's stage 1, whose "
+                "decay spans stages 1 and 2), or give this stage its own peak"
+            )
 
 
 def check_paths(recipe: Recipe) -> None:

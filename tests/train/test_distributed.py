@@ -197,3 +197,23 @@ def test_mfu_peak_is_that_of_the_most_specific_device_name(name, peak):
     from crystal_lm.train.parallel import peak_tflops_of
 
     assert peak_tflops_of(name) == peak
+
+
+def test_ctrl_c_inside_a_sharded_optimizer_save_is_a_plain_interrupt(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps whatever its writer raises in a CheckpointException: a Ctrl-C during
+    a checkpoint save ended the run with a 60-line traceback and exit 1 instead of the resume advice."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from crystal_lm.train.parallel import save_optimizer_sharded
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_optimizer_sharded(model, opt, tmp_path / "optimizer")

@@ -181,11 +181,21 @@ def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, s
 @contextlib.contextmanager
 def single_process_dcp() -> Iterator[None]:
     """torch.distributed.checkpoint warns at every save and load without a process group that it assumes a
-    single process: that is the intent here, so the warning is silenced (only then, and only that one)."""
+    single process: that is the intent here, so the warning is silenced (only then, and only that one).
+
+    It also wraps a Ctrl-C that lands inside its reads or writes in a CheckpointException (with a traceback
+    per rank); it is raised again as the KeyboardInterrupt it is, so the run stops as at any other moment."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         if not (dist.is_available() and dist.is_initialized()):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
+        try:
+            yield
+        except CheckpointException as exc:
+            if any(isinstance(failure[0], KeyboardInterrupt) for failure in exc.failures.values()):
+                raise KeyboardInterrupt from None
+            raise
 
 
 def save_optimizer_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
