@@ -112,6 +112,12 @@ def test_continuing_a_stage_that_decayed_to_zero_is_refused(recipe_dict):
     recipe_from_dict(d)
 
 
+def test_fim_for_a_source_the_stage_does_not_draw_is_refused(recipe_dict):
+    d = copy.deepcopy(recipe_dict)
+    d["stages"][0]["fim"] = {"rate": 0.5, "sources": ["web"]}  # stage 1 draws prose, technical, python
+    assert "stages[0].fim.sources: 'web' is not in this stage's mixture" in _error(d)
+
+
 def test_a_source_named_like_a_domain_of_other_sources_is_refused(recipe_dict):
     """Validation loss keys sources and domains alike: a source `code` beside another code source summed
     its figure into the domain's."""

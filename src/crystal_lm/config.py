@@ -576,6 +576,11 @@ def _validate(recipe: Recipe) -> None:
         for src in st.fim.sources or []:
             if src not in d.sources:
                 raise RecipeError(f"{where}.fim.sources: unknown source {src!r}")
+            if src not in st.mixture and st.fim.rate > 0:  # a likely slip: FIM meant for it never happens
+                raise RecipeError(
+                    f"{where}.fim.sources: {src!r} is not in this stage's mixture, so nothing of it is FIM'd "
+                    f"(the mixture: {', '.join(st.mixture)})"
+                )
         domains = sorted({s.domain for s in d.sources.values()})
         if st.fim.sources is None and st.fim.rate > 0:
             for dom in st.fim.domains:
