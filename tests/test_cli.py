@@ -144,6 +144,28 @@ def test_data_order_sample_and_stats_commands(trained_run, crystal_here):
     assert out.returncode == 2 and "stages 1-3" in out.stderr
 
 
+def test_data_commands_number_stages_from_1_and_stats_count_real_tokens(
+    prepared, recipe_dict, write_recipe, crystal_here
+):
+    """`--stage 2` gives records saying stage 2; stats show samples, real tokens and epochs (the padding left
+    out of the tokens is checked against the trainer's loss positions in tests/data/test_order.py)."""
+    path = write_recipe(recipe_dict)
+    out = crystal_here("data", "order", str(path), "--stage", "2", "--count", "3", "--json")
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["stage"] for r in records] == [2, 2, 2] and all(r["document_fim"] is False for r in records)
+    out = crystal_here("data", "sample", str(path), "--stage", "stage3", "--index", "0", "--json")
+    assert json.loads(out.stdout)["stage"] == 3
+    rows = json.loads(crystal_here("data", "stats", str(path), "--json").stdout)
+    assert sorted({r["stage"] for r in rows}) == [1, 2, 3]
+    out = crystal_here("data", "stats", str(path))
+    header, *lines = out.stdout.splitlines()
+    assert header.split() == ["stage", "source", "samples", "tokens", "share", "epochs", "FIM"]
+    for r in rows:
+        line = next(x for x in lines if x.startswith(f"{r['stage']} {r['stage_name']}") and r["source"] in x)
+        assert f"{r['samples']:,}" in line and f"{r['tokens']:,}" in line and f"{r['epochs']:.3f}" in line
+    assert "padding left out" in out.stdout
+
+
 def test_release_verify_and_unreachable_push(trained_run, tmp_path, crystal_here):
     _, run_dir, _ = trained_run
     out = crystal_here("release", str(run_dir), "--out", str(tmp_path / "rel"))

@@ -3,7 +3,7 @@
 data prepare RECIPE          build the embedded corpus, tokenizer and packed shards (cached)
 data order RECIPE --stage N  the published data order: source, window, documents of each sample index
 data sample RECIPE --stage N --index I   one sample's token ids and loss mask, as trained
-data stats RECIPE            per stage and source: tokens, share, epochs, FIM rate
+data stats RECIPE            per stage and source: samples, real tokens, share, epochs, FIM
 info RECIPE|CKPT|HF_DIR      model shape and parameter count (built on the meta device), stages
 train RECIPE --out DIR       run every stage; run again to resume after an interruption
 eval RUN_DIR|CKPT --tasks T  resumable sweep over checkpoints: val loss, benchmarks, memorization
@@ -182,7 +182,7 @@ def cmd_data_order(args: argparse.Namespace) -> int:
             print(json.dumps(r))
         else:
             docs = ", ".join(f"{d['id']}[{d['start']}:{d['end']}]" for d in r["documents"])
-            fim = " FIM" if r["fim"] else ""
+            fim = (" FIM" if r["fim"] else "") + (" document-FIM" if r["document_fim"] else "")
             print(
                 f"{r['index']:>9} step {r['step']:>7} {r['source']:<12} #{r['sample']} e{r['epoch']}{fim}: {docs}"
             )
@@ -213,12 +213,19 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'stage':<10} {'source':<12} {'tokens':>14} {'share':>7} {'epochs':>8} {'FIM':>5}")
+    print(
+        f"{'stage':<12} {'source':<12} {'samples':>10} {'tokens':>14} {'share':>7} {'epochs':>8} {'FIM':>5}"
+    )
     for r in rows:
+        stage = f"{r['stage']} {r['stage_name']}"
         print(
-            f"{r['stage_name']:<10} {r['source']:<12} {r['tokens']:>14,} {r['share']:>7.1%} "
+            f"{stage:<12} {r['source']:<12} {r['samples']:>10,} {r['tokens']:>14,} {r['share']:>7.1%} "
             f"{r['epochs']:>8.3f} {r['fim_rate']:>5.2f}"
         )
+    print(
+        "samples: windows drawn; tokens: real tokens trained on (padding left out); share: of the stage's "
+        "real tokens; epochs: passes over the source's windows (or its subset), >1 = repeated"
+    )
     return 0
 
 
@@ -582,7 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", help="override data.cache_dir")
     p.set_defaults(func=cmd_data_sample)
-    p = data.add_parser("stats", help="per stage and source: tokens, share, epochs, FIM rate")
+    p = data.add_parser(
+        "stats",
+        help="per stage and source: samples, real tokens, share, epochs, FIM rate",
+        description="Per stage (numbered from 1) and source: samples (windows drawn), tokens (real tokens "
+        "trained on: each window's label positions, less the padding of a unit's last window), share (of "
+        "the stage's real tokens; sample_share in --json is the windows' share, what the mixture sets), "
+        "epochs (passes over the source's windows, or its subset: 39.0 = each seen 39 times) and FIM rate.",
+    )
     p.add_argument("recipe", help="recipe YAML, or a run / release folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", help="override data.cache_dir")

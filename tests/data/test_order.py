@@ -50,9 +50,9 @@ def test_records_name_the_documents_the_trainer_read(prepared, packed_docs):
         records = order_records(recipe, data, si, 0, total)
         assert [r["index"] for r in records] == list(range(total))
         for r in records:
-            assert r["step"] == r["index"] // recipe.train.batch_size and r["stage"] == si
+            assert r["step"] == r["index"] // recipe.train.batch_size and r["stage"] == si + 1  # as --stage
             assert (r["source"], r["sample"]) == sd.mixture(r["index"])
-            assert r["fim"] == (r["source"] in sd.fim_sources)
+            assert r["fim"] == (r["source"] in sd.fim_sources) and r["document_fim"] is False
             # The listed document spans, cut from the re-tokenized documents, are the window's tokens.
             spans = [packed_docs(r["source"], d["id"])[d["start"] : d["end"]] for d in r["documents"]]
             assert all(spans), r
@@ -163,7 +163,7 @@ def test_sample_record_is_the_trainers_sample_with_fim_padding_masked(prepared):
     for g in range(0, 24, 5):
         s = sample_record(recipe, data, 1, g)
         inputs, labels, mask, source, n_fim = sd.sample(g)
-        assert (s["index"], s["stage"], s["source"]) == (g, 1, source)
+        assert (s["index"], s["stage"], s["source"]) == (g, 2, source)
         assert s["sample"] == sd.mixture(g)[1]
         assert s["input_ids"] == inputs.tolist() and s["labels"] == labels.tolist()
         assert s["loss_mask"] == [int(m) for m in mask] and s["fim_segments"] == n_fim
@@ -183,28 +183,38 @@ def test_sample_record_is_the_trainers_sample_with_fim_padding_masked(prepared):
 
 def test_stage_stats_shares_epochs_and_fim(prepared):
     recipe, data = prepared
+    padded = 0
     for r in (recipe, _long(recipe, 3000)):  # within the first mixture block, and across blocks
         rows = stage_stats(r, data)
         for si, stage in enumerate(r.stages):
             sd = StageData(r, data, si)
             total = r.stage_steps(stage) * r.train.batch_size
-            mine = {row["source"]: row for row in rows if row["stage"] == si}
+            mine = {row["source"]: row for row in rows if row["stage"] == si + 1}  # numbered as --stage
             assert set(mine) == set(sd.mixture.names)
             assert sum(row["share"] for row in mine.values()) == pytest.approx(1.0)
+            assert sum(row["sample_share"] for row in mine.values()) == pytest.approx(1.0)
             drawn = Counter(sd.mixture(g)[0] for g in range(total))
+            # The trainer's loss positions: padding of a unit's last window is not trained on.
+            trained = Counter()
+            for g in range(total):
+                source, i = sd.mixture(g)
+                trained[source] += data.train[source].valid(i) - 1
+            padded += sum(drawn[n] * r.data.seq_len - trained[n] for n in drawn)
             planned = sd.mixture.epochs(total)
             for name, row in mine.items():
                 size = len(data.train[name])
-                assert row["samples"] == drawn[name] and row["tokens"] == drawn[name] * r.data.seq_len
-                assert row["share"] == pytest.approx(row["samples"] / total)
+                assert row["samples"] == drawn[name] and row["tokens"] == trained[name]
+                assert row["sample_share"] == pytest.approx(row["samples"] / total)
+                assert row["share"] == pytest.approx(trained[name] / sum(trained.values()))
                 assert row["epochs"] == pytest.approx(row["samples"] / size)
                 assert row["source_samples"] == size
                 assert row["source_tokens"] == data.train[name].n_tokens
                 assert row["mixture_epochs"] == pytest.approx(planned[name])
                 assert row["fim_rate"] == (stage.fim.rate if name in sd.fim_sources else 0.0)
+    assert padded > 0  # padded last windows were drawn, and left out of the token counts
     by = {(row["stage"], row["source"]): row for row in stage_stats(recipe, data)}
-    assert by[1, "python"]["fim_rate"] == 0.9 and by[1, "prose"]["fim_rate"] == 0.0
-    assert by[2, "web"]["fim_rate"] == 0.3 and by[0, "python"]["fim_rate"] == 0.0
+    assert by[2, "python"]["fim_rate"] == 0.9 and by[2, "prose"]["fim_rate"] == 0.0
+    assert by[3, "web"]["fim_rate"] == 0.3 and by[1, "python"]["fim_rate"] == 0.0
 
 
 def test_fingerprint_recomputes_and_changes_with_the_order(prepared):

@@ -122,9 +122,11 @@ def _draw(mixture: Mixture, index: int) -> tuple[str, int, int]:
 def order_records(recipe: Recipe, data: PreparedData, stage_index: int, start: int, count: int) -> list[dict]:
     """Order records of global samples [start, start + count) of a stage.
 
-    Each record: index, step, stage, source, sample (window index in the source's train shards), epoch,
-    documents (id and [start, end) token offsets inside `<s> doc </s>` of every document in the window) and
-    fim (whether FIM applies to the source in this stage). The window is the one the sample was built from:
+    Each record: index, step, stage (numbered from 1, as `--stage` and checkpoint names), source, sample
+    (window index in the source's train shards), epoch, documents (id and [start, end) token offsets inside
+    `<s> doc </s>` of every document in the window), fim (whether the stage's FIM applies to the sample) and
+    document_fim (whether the source's documents were FIM'd one by one before packing, `document_fim`; the
+    offsets then count the FIM'd documents' tokens). The window is the one the sample was built from:
     seq_len + 1 tokens (inputs and the shifted label), or its real tokens for the padded last window; under
     FIM only the first seq_len tokens are rearranged into the sample (the last label is EOS).
     """
@@ -150,15 +152,25 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
             {
                 "index": g,
                 "step": g // B,
-                "stage": sd.stage_index,
+                "stage": sd.stage_index + 1,
                 "source": source,
                 "sample": sample,
                 "epoch": epoch,
                 "documents": _document_index(shards).spans(lo, lo + valid, unit),
                 "fim": fim,
+                "document_fim": sd.recipe.data.sources[source].document_fim is not None,
             }
         )
     return records
+
+
+def _as_first_published(record: dict) -> dict:
+    """A record as order fingerprints have hashed it since releases were first made (stage from 0, no
+    `document_fim` key unless true), so a release made before stays verifiable."""
+    out = {**record, "stage": record["stage"] - 1}
+    if not out["document_fim"]:
+        del out["document_fim"]
+    return out
 
 
 def sample_record(recipe: Recipe, data: PreparedData, stage_index: int, index: int) -> dict:
@@ -171,7 +183,7 @@ def sample_record(recipe: Recipe, data: PreparedData, stage_index: int, index: i
     assert source_seen == source
     return {
         "index": index,
-        "stage": stage_index,
+        "stage": stage_index + 1,
         "source": source,
         "sample": sample,
         "input_ids": [int(t) for t in input_ids],
@@ -191,11 +203,36 @@ def _draw_counts(mixture: Mixture, total: int) -> np.ndarray:
     return counts
 
 
-def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
-    """One row per stage and source drawn from: draws, tokens, share, passes over the source, FIM rate, size.
+def _padding_drawn(shards: ShardSet, mixture: Mixture, k: int, draws: int) -> int:
+    """Padding tokens among the label positions of the first `draws` draws of mixture source k: each unit's
+    last window is padded (its `valid` real tokens, then EOS), and draw d takes sample `perm(epoch)[pos]`."""
+    L = shards.seq_len
+    lo, size = int(mixture.offsets[k]), int(mixture.sizes[k])
+    short = {}  # subset position of a padded window -> its padding
+    for s, last_valid in enumerate(shards.last_valid):
+        i = shards.offsets[s + 1] - 1
+        if shards.offsets[s + 1] > shards.offsets[s] and last_valid < L + 1 and lo <= i < lo + size:
+            short[i - lo] = L + 1 - last_valid
+    if not short:
+        return 0
+    full, rem = divmod(draws, size)
+    padding = full * sum(short.values())
+    if rem:
+        inverse = np.empty(size, dtype=np.int64)
+        inverse[mixture._perm(k, full)] = np.arange(size)
+        padding += sum(pad for pos, pad in short.items() if inverse[pos] < rem)
+    return padding
 
-    `epochs` is exact (samples drawn / source samples); `mixture_epochs` is Mixture.epochs, the same from the
-    mixture's block shares, which differs from it by the rounding of the stage's last, partial block.
+
+def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
+    """One row per stage and source drawn from: draws, real tokens, shares, passes over the source, FIM rate.
+
+    `stage` counts from 1. `samples` are the windows drawn and `sample_share` their share of the stage's
+    (what the mixture weights set); `tokens` are the real tokens trained on (label positions that are not
+    the padding of a unit's last window: `valid - 1` per window, `seq_len` for a full one) and `share` their
+    share of the stage's real tokens. `epochs` is exact (samples drawn / the source's samples, or its
+    `subsets` range), so 39.0 means each window is seen 39 times; `mixture_epochs` is Mixture.epochs, the
+    same from the mixture's block shares, which differs from it by the rounding of the stage's last block.
     """
     L = recipe.data.seq_len
     rows = []
@@ -204,17 +241,24 @@ def stage_stats(recipe: Recipe, data: PreparedData) -> list[dict]:
         total = stage_samples(recipe, si)
         drawn = _draw_counts(sd.mixture, total)
         planned = sd.mixture.epochs(total)
-        for k, (name, n) in enumerate(zip(sd.mixture.names, drawn.tolist(), strict=True)):
+        names = sd.mixture.names
+        tokens = [
+            int(n) * L - _padding_drawn(data.train[name], sd.mixture, k, int(n))
+            for k, (name, n) in enumerate(zip(names, drawn.tolist(), strict=True))
+        ]
+        real = sum(tokens)
+        for k, (name, n) in enumerate(zip(names, drawn.tolist(), strict=True)):
             shards = data.train[name]
             readable = int(sd.mixture.sizes[k])  # the stage's subset of the source (all of it by default)
             rows.append(
                 {
-                    "stage": si,
+                    "stage": si + 1,
                     "stage_name": stage.name,
                     "source": name,
                     "samples": int(n),
-                    "tokens": int(n) * L,
-                    "share": int(n) / total,
+                    "sample_share": int(n) / total,
+                    "tokens": tokens[k],
+                    "share": tokens[k] / real if real else 0.0,
                     "epochs": int(n) / readable,
                     "mixture_epochs": planned[name],
                     "fim_rate": stage.fim.rate_for(name, recipe.data.sources[name].domain),
@@ -237,7 +281,10 @@ def order_fingerprint(recipe: Recipe, data: PreparedData, stage_index: int, prob
     """sha256 of the order records of a spread of probe indices of a stage (to check an order recomputes)."""
     _stage(recipe, stage_index)
     total = stage_samples(recipe, stage_index)
-    records = _records(StageData(recipe, data, stage_index), probe_indices(total, probe))
+    records = [
+        _as_first_published(r)
+        for r in _records(StageData(recipe, data, stage_index), probe_indices(total, probe))
+    ]
     blob = json.dumps(
         {"stage": stage_index, "samples": total, "records": records}, sort_keys=True, separators=(",", ":")
     )
