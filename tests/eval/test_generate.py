@@ -174,3 +174,44 @@ def test_bad_sampling_settings_are_named():
     ):
         with pytest.raises(ValueError, match=name):
             Sampling(**kw)
+
+
+def test_a_hugging_face_or_release_folder_is_named_with_the_import_command(trained_run, tmp_path, capsys):
+    """Every command that takes a checkpoint says what the folder is and how to import it (not that it has no
+    COMPLETE marker or no checkpoints/), the same way, with a command that runs as printed."""
+    import shutil
+
+    from crystal_lm.cli import main
+    from crystal_lm.interop.llm360 import export_hf
+    from crystal_lm.release.bundle import write_manifest
+
+    _, run_dir, _ = trained_run
+    hf = export_hf(run_dir / "checkpoints" / "phase3_checkpoint_000004", tmp_path / "hf")
+    release = tmp_path / "release"
+    shutil.copytree(hf, release)
+    shutil.copytree(hf, release / "checkpoints" / "small_phase3_checkpoint_000004")
+    write_manifest(release)
+    for folder, expected in (
+        (
+            hf,
+            f"a Hugging Face model folder (LLM360 layout), not a crystal-lm checkpoint; run `crystal import {hf} --out OUT` first",
+        ),
+        (
+            release,
+            f"a release folder (Hugging Face layout), not a crystal-lm checkpoint; run `crystal import {release} --out OUT`",
+        ),
+    ):
+        out = str(tmp_path / "o")
+        for args in (
+            ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "1"],
+            ["infill", str(folder), "--prefix", "a", "--suffix", "b", "--max-new-tokens", "1"],
+            ["export", str(folder), "--out", out],
+            ["eval-lm", str(folder), "--tasks", "arc_easy", "--limit", "1", "--out", out],
+            ["eval-code", "humaneval", "--checkpoint", str(folder), "--limit", "1", "--out", out],
+            ["eval", str(folder), "--tasks", "arc_easy", "--store", out],
+        ):
+            assert main(args) == 2, args
+            err = capsys.readouterr().err
+            assert expected in err and "COMPLETE" not in err, (args, err)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")

@@ -110,4 +110,42 @@ def test_eval_of_a_hugging_face_folder_says_to_import_it_first(trained_run, tmp_
     _, run_dir, _ = trained_run
     hf = export_hf(run_dir / "checkpoints" / "phase3_checkpoint_000004", tmp_path / "hf")
     assert main(["eval", str(hf), "--store", str(tmp_path / "r.jsonl"), "--tasks", "arc_easy"]) == 2
-    assert f"run `crystal import {hf} OUT` first" in capsys.readouterr().err
+    assert f"run `crystal import {hf} --out OUT` first" in capsys.readouterr().err
+
+
+def _resaved(ckpt, out, tokenizer_path=None, **model_over):
+    """A copy of a checkpoint with another tokenizer file or other model keys (weights as they are)."""
+    import json
+
+    from crystal_lm.train.checkpoint import TrainState, load_tensors, save_checkpoint
+
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"].update(model_over)
+    return save_checkpoint(
+        out, load_tensors(ckpt), None, TrainState(), config, tokenizer_path or ckpt / "tokenizer.json"
+    )
+
+
+def test_data_tasks_refuse_a_checkpoint_that_does_not_fit_the_recipe(trained_run, tmp_path):
+    """Another tokenizer, or a context shorter than the recipe's windows: refused before anything is scored,
+    naming both tokenizer hashes / the key (the number would mean nothing)."""
+    from crystal_lm.data.tokenizer import Tokenizer, train_bpe
+    from crystal_lm.eval.code import BenchmarkError
+
+    recipe, run_dir, _ = trained_run
+    ckpt = run_dir / "checkpoints" / "phase1_checkpoint_000003"
+    other = train_bpe(
+        ["def f(x):\n    return x + 1\n" * 50, "To be or not to be. " * 50], 300, tmp_path / "t.json"
+    )
+    ours = Tokenizer(ckpt / "tokenizer.json").sha256
+    store = tmp_path / "r.jsonl"
+    foreign = _resaved(ckpt, tmp_path / "foreign", other.path)
+    with pytest.raises(BenchmarkError, match="not this recipe's data tokenizer") as err:
+        sweep([foreign], ["val_loss"], store, recipe=recipe, log=lambda m: None)
+    assert other.sha256[:16] in str(err.value) and ours[:16] in str(err.value)
+    short = _resaved(ckpt, tmp_path / "short", max_seq_len=32)
+    with pytest.raises(BenchmarkError, match=r"max_seq_len is 32 there but .* data\.seq_len 64"):
+        sweep([ckpt, short], ["memorization"], store, recipe=recipe, log=lambda m: None)
+    assert read_jsonl(store) == []  # refused before the first checkpoint was scored
+    sweep([_resaved(ckpt, tmp_path / "same")], ["val_loss"], store, recipe=recipe, log=lambda m: None)
+    assert len(read_jsonl(store)) == 1

@@ -233,4 +233,4 @@ def test_eval_of_a_release_folder_says_to_import_it_first(release, tmp_path, cap
 
     assert main(["eval", str(release), "--store", str(tmp_path / "r.jsonl"), "--tasks", "arc_easy"]) == 2
     err = capsys.readouterr().err
-    assert "a release folder" in err and f"crystal import {release} OUT" in err
+    assert "a release folder" in err and f"crystal import {release} --out OUT" in err

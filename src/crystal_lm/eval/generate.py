@@ -19,9 +19,36 @@ from crystal_lm.train.checkpoint import CheckpointError, load_model_weights, ver
 log = logging.getLogger(__name__)
 
 
+def check_target(t: Path) -> None:
+    """A release folder or a Hugging Face (LLM360) model folder is not used directly: say how to import it
+    (rather than that it lacks a COMPLETE marker or checkpoints/). Every command that takes a checkpoint asks
+    this first (through `resolve_checkpoint`, and `crystal eval` for each target)."""
+    t = Path(t)
+    if (t / "MANIFEST").is_file():
+        raise CheckpointError(
+            f"{t}: a release folder (Hugging Face layout), not a crystal-lm checkpoint; run "
+            f"`crystal import {t} --out OUT` for its final model (or `crystal import {t}/checkpoints/NAME "
+            "--out OUT` for one of its checkpoints) first, then use OUT"
+        )
+    config = t / "config.json"
+    if config.is_file() and not (t / "checkpoints").is_dir():
+        try:
+            ours = json.loads(config.read_text()).get("format") == "crystal-lm"
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            ours = True  # not readable as a Hugging Face config either: the checkpoint checks name it
+        if not ours:
+            raise CheckpointError(
+                f"{t}: a Hugging Face model folder (LLM360 layout), not a crystal-lm checkpoint; run "
+                f"`crystal import {t} --out OUT` first, then use OUT"
+            )
+
+
 def resolve_checkpoint(directory: str | Path) -> Path:
     """A checkpoint folder, or a run folder's newest complete checkpoint; verified (checksums)."""
     directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: does not exist (give a checkpoint folder or a run folder)")
+    check_target(directory)
     if (directory / "checkpoints").is_dir():
         from crystal_lm.train.checkpoint import latest_checkpoint
 

@@ -166,6 +166,9 @@ def evaluate_language(
     seed: int = 1234,
 ) -> dict:
     """Scores per benchmark: lm-eval's metrics; MMLU as the document-weighted mean over its subjects."""
+    from crystal_lm.eval.generate import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # before lm-eval builds its tasks: a wrong folder fails fast
     import lm_eval
 
     import crystal_lm.eval.harness  # noqa: F401  (registers the `crystal` model)

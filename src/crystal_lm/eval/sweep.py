@@ -21,30 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from crystal_lm.eval.code import BENCHMARKS, BenchmarkError, load_benchmark
+from crystal_lm.eval.generate import check_target
 from crystal_lm.eval.language import CRYSTAL_SHOTS, evaluate_language
 from crystal_lm.train.checkpoint import list_checkpoints, load_state, verify_checkpoint
 from crystal_lm.train.metrics import JsonlLog, read_jsonl
 
 CODE_TASKS = BENCHMARKS
 NEEDS_DATA = ("val_loss", "memorization")
-
-
-def check_target(t: Path) -> None:
-    """A release folder or a Hugging Face (LLM360) model folder is not evaluated directly: say how to import."""
-    if (t / "MANIFEST").is_file():
-        raise BenchmarkError(
-            f"{t}: a release folder (Hugging Face layout); run `crystal import {t} OUT` (or "
-            f"`crystal import {t}/checkpoints/NAME OUT` for one of its checkpoints) first, then evaluate OUT"
-        )
-    if (
-        (t / "config.json").is_file()
-        and not (t / "checksums.json").is_file()
-        and not (t / "checkpoints").is_dir()
-    ):
-        raise BenchmarkError(
-            f"{t}: a Hugging Face model folder (LLM360 layout), not a crystal-lm checkpoint; run "
-            f"`crystal import {t} OUT` first, then evaluate OUT"
-        )
 
 
 def checkpoints_of(targets: list[str | Path]) -> list[Path]:
@@ -67,6 +50,28 @@ def checkpoints_of(targets: list[str | Path]) -> list[Path]:
         else:
             raise BenchmarkError(f"{t}: neither a run folder nor a checkpoint folder")
     return out
+
+
+def check_fits_recipe(ckpt: Path, recipe, tokenizer, tasks: list[str]) -> None:
+    """Refuse a checkpoint whose tokenizer is not the recipe's data tokenizer, or whose model cannot read the
+    recipe's windows (context, vocabulary): the data tasks would print a number that means nothing."""
+    from crystal_lm.eval.generate import checkpoint_configs
+    from crystal_lm.train.compat import recipe_mismatch
+
+    model_cfg, mup = checkpoint_configs(ckpt)
+    problem = recipe_mismatch(
+        ckpt,
+        model_cfg,
+        mup,
+        recipe,
+        tokenizer.sha256,
+        whole_architecture=False,
+        tokenizer_size=tokenizer.max_id + 1,
+    )
+    if problem:
+        raise BenchmarkError(
+            f"{ckpt}: cannot be scored on the data of recipe {recipe.name!r} ({', '.join(tasks)}): {problem}"
+        )
 
 
 def _weights_hash(ckpt: Path) -> str:
@@ -156,9 +161,15 @@ def sweep(
         data = prepare_data(recipe)
         # Memorization probes read the training shards, val_loss the held-out ones: key on both.
         data_manifest = json.dumps(data.manifest()["sources"], sort_keys=True)
+    checkpoints = checkpoints_of(targets)
+    if (
+        needs_data
+    ):  # before any work: a checkpoint that cannot read the recipe's data scores nothing meaningful
+        for ckpt in checkpoints:
+            check_fits_recipe(ckpt, recipe, data.tokenizer, needs_data)
     records = []
     try:
-        for ckpt in checkpoints_of(targets):
+        for ckpt in checkpoints:
             weights = _weights_hash(ckpt)
             state = load_state(ckpt)
             todo = {}

@@ -230,6 +230,7 @@ def load_initial_weights(
     source has one. The architecture, muP settings and tokenizer must be the recipe's."""
     from crystal_lm.interop.llm360 import read_hf_checkpoint
     from crystal_lm.train.checkpoint import CheckpointError, verify_checkpoint
+    from crystal_lm.train.compat import recipe_mismatch
 
     source = Path(source)
     config_path = source / "config.json"
@@ -244,18 +245,9 @@ def load_initial_weights(
         model_cfg, mup, tensors = read_hf_checkpoint(source)
         optimizer_dir = source / "crystal_state"
 
-    def effective(cfg: ModelConfig | MupConfig) -> dict:
-        d = asdict(cfg)
-        return d | {"d_ff": cfg.ffn_dim} if isinstance(cfg, ModelConfig) else d
-
-    pairs = (("model", recipe.model, model_cfg), ("mup", recipe.mup, mup))
-    for name, ours, theirs in ((n, effective(a), effective(b)) for n, a, b in pairs):
-        diff = sorted(k for k in ours if k in theirs and ours[k] != theirs[k])
-        if diff:
-            raise RunDirError(
-                f"--init-from {source}: {name}.{diff[0]} is {theirs[diff[0]]!r} there but "
-                f"{ours[diff[0]]!r} in the recipe ({', '.join(diff)} differ); use the checkpoint's architecture"
-            )
+    problem = recipe_mismatch(source, model_cfg, mup, recipe, tokenizer_sha256, whole_architecture=True)
+    if problem:
+        raise RunDirError(f"--init-from {source}: {problem}")
     if config.get("format") == "crystal-lm":  # after the shapes are compared: those name the key
         load_model_weights(source, model)
     else:
@@ -263,15 +255,6 @@ def load_initial_weights(
             model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(f"--init-from {source}: weights do not fit the model: {exc}") from None
-    tok = source / "tokenizer.json"
-    if tok.is_file():
-        with open(tok, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        if sha != tokenizer_sha256:
-            raise RunDirError(
-                f"--init-from {source}: its tokenizer ({sha[:16]}…) is not this recipe's data tokenizer "
-                f"({tokenizer_sha256[:16]}…); token ids would not mean the same thing"
-            )
     return optimizer_source(optimizer_dir) if optimizer_dir.is_dir() else None
 
 
