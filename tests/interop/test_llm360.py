@@ -440,3 +440,26 @@ def test_a_folder_saved_by_the_transformers_model_loads_in_a_fresh_process(tmp_p
     with torch.no_grad():
         expected = hf(x).logits[0, -1, :3].tolist()
     assert json.loads(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_out_that_is_holds_or_lies_in_the_source_is_refused_and_nothing_is_lost(llm360_dir, tmp_path):
+    """`export SRC --out SRC --overwrite` deleted the checkpoint (or the run); `import HF --out HF
+    --overwrite` replaced the download. Refused, symlinks resolved, with the source left as it was."""
+    run = tmp_path / "run"
+    ckpt = import_hf(llm360_dir, run / "checkpoints" / "phase1_checkpoint_000002")
+    before = {p: p.read_bytes() for p in [*ckpt.iterdir(), *llm360_dir.iterdir()]}
+    (tmp_path / "link").symlink_to(ckpt)
+    for src, out, where in (
+        (ckpt, ckpt, "is"),
+        (ckpt, tmp_path / "link", "is"),
+        (run, run, "is"),
+        (ckpt, run, "contains"),
+        (run, run / "hf", "lies inside"),
+    ):
+        with pytest.raises(InteropError, match=rf"--out {out} {where} the source"):
+            export_hf(src, out, overwrite=True)
+    for out, where in ((llm360_dir, "is"), (tmp_path, "contains"), (llm360_dir / "ckpt", "lies inside")):
+        with pytest.raises(InteropError, match=rf"--out {out} {where} the source"):
+            import_hf(llm360_dir, out, overwrite=True)
+    assert {p: p.read_bytes() for p in before} == before
+    assert export_hf(ckpt, tmp_path / "hf", overwrite=True).is_dir()  # a folder beside it is fine

@@ -234,3 +234,14 @@ def test_eval_of_a_release_folder_says_to_import_it_first(release, tmp_path, cap
     assert main(["eval", str(release), "--store", str(tmp_path / "r.jsonl"), "--tasks", "arc_easy"]) == 2
     err = capsys.readouterr().err
     assert "a release folder" in err and f"crystal import {release} --out OUT" in err
+
+
+def test_release_into_the_run_folder_or_above_it_is_refused(trained_run, tmp_path):
+    """--out RUN --overwrite would have deleted the run it packages."""
+    from crystal_lm.interop.llm360 import InteropError
+
+    _, run_dir, _ = trained_run
+    for out, where in ((run_dir, "is"), (run_dir.parent, "contains")):
+        with pytest.raises(InteropError, match=rf"--out {out} {where} the run folder"):
+            build_release(run_dir, out, overwrite=True, log=lambda m: None)
+    assert list_checkpoints(run_dir / "checkpoints")

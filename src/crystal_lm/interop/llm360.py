@@ -259,7 +259,30 @@ def _checkpoint_config(model: ModelConfig, mup: MupConfig, source: str) -> dict:
     }
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def refuse_source_as_target(
+    out_dir: Path, sources: list[Path], what: str = "the source", inside_ok: bool = False
+) -> None:
+    """--out must not be a source folder, hold one, or (unless `inside_ok`) lie inside one, symlinks resolved:
+    writing there would replace (with --overwrite: delete) what is being read."""
+    out = Path(out_dir).resolve()
+    for src in sources:
+        src = Path(src).resolve()
+        if out == src:
+            where = "is"
+        elif out in src.parents:
+            where = "contains"
+        elif src in out.parents and not inside_ok:
+            where = "lies inside"
+        else:
+            continue
+        raise InteropError(
+            f"--out {out_dir} {where} {what} {src}; writing there would replace what is being read. "
+            "Choose a folder outside it"
+        )
+
+
+def _check_target(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
+    refuse_source_as_target(out_dir, list(sources))
     if out_dir.exists() and not out_dir.is_dir():
         raise InteropError(f"{out_dir}: exists and is a file; --out needs a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -269,7 +292,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """An LLM360-layout folder → a crystal-lm checkpoint folder (tensors bit-exact, dtype kept)."""
     hf_dir = Path(hf_dir)
-    _check_target(Path(out_dir), overwrite)
+    _check_target(Path(out_dir), overwrite, (hf_dir,))
     model_cfg, mup, tensors = read_hf_checkpoint(hf_dir)
     tok_path = hf_dir / "tokenizer.json"
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
@@ -353,8 +376,8 @@ def export_hf(
     from crystal_lm.eval.generate import checkpoint_configs, resolve_checkpoint
 
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
     ckpt = resolve_checkpoint(checkpoint_dir)  # a run folder means its newest checkpoint, as in generate
+    _check_target(out_dir, overwrite, (Path(checkpoint_dir), ckpt))
     model_cfg, mup = checkpoint_configs(ckpt)
     tensors = load_tensors(ckpt)
     if dtype is not None:

@@ -142,6 +142,10 @@ def build_release(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     t0 = time.time()
+    from crystal_lm.interop.llm360 import refuse_source_as_target
+
+    # A release inside the run folder is fine (only that folder is replaced); the run folder itself is not.
+    refuse_source_as_target(out_dir, [run_dir], "the run folder", inside_ok=True)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ReleaseError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     recipe, record = run_recipe(run_dir)
