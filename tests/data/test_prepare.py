@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crystal_lm.config import RecipeError, recipe_from_dict
-from crystal_lm.data.documents import id_hash
+from crystal_lm.data.documents import DataError, id_hash
 from crystal_lm.data.prepare import prepare_data
 from crystal_lm.data.shards import ShardError, ShardSet
 
@@ -130,3 +130,65 @@ def test_a_source_of_too_short_documents_says_so(recipe_dict, prepared, tmp_path
         RecipeError, match=r"no usable documents \(30 read; left out: 30 shorter than 10 tokens"
     ):
         prepare_data(_recipe(recipe_dict, prepared, path, tmp_path / "c"))
+
+
+def _sets(n: int = 40) -> list[dict]:
+    names = ["RedPajamaArXiv", "RedPajamaGithub", "RedPajamaBook"]
+    return [{"text": _text(i), "meta": {"redpajama_set_name": names[i % 3]}} for i in range(n)]
+
+
+def test_a_where_that_keeps_nothing_names_the_absent_field_or_the_values_seen(
+    recipe_dict, prepared, tmp_path
+):
+    path = _write(tmp_path / "sp.jsonl", _sets())
+    typo = {"meta.redpajama_setname": "RedPajamaArXiv"}  # a misspelt key: absent from every record
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml: data\.sources\.mine: the source has no usable documents \(0 read; left out: filtered "
+        r"40\)\. `where` meta\.redpajama_setname: absent from all 40 records",
+    ):
+        prepare_data(_recipe(recipe_dict, prepared, path, tmp_path / "a", where=typo))
+    wrong = {"meta.redpajama_set_name": "RedPajamaArxiv"}  # a wrong value: the values there are listed
+    with pytest.raises(
+        RecipeError,
+        match=r"`where` meta\.redpajama_set_name: none of \['RedPajamaArxiv'\] found; values seen: "
+        r"'RedPajamaArXiv', 'RedPajamaGithub', 'RedPajamaBook'$",
+    ):
+        prepare_data(_recipe(recipe_dict, prepared, path, tmp_path / "b", where=wrong))
+
+
+def test_a_languages_typo_on_parquet_names_the_languages_present(recipe_dict, prepared, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "starcoderdata"
+    for lang in ("python", "css"):
+        (folder / lang).mkdir(parents=True)
+        rows = [_text(i) for i in range(20)]
+        pq.write_table(pa.table({"content": rows, "lang": [lang] * 20}), folder / lang / "train.parquet")
+    with pytest.raises(
+        RecipeError,
+        match=r"filtered 40\)\. `languages`: none of \['py'\] found; values seen: 'css', 'python'$",
+    ):
+        prepare_data(
+            _recipe(recipe_dict, prepared, folder, tmp_path / "c", format="parquet", languages=["py"])
+        )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"languages": ["python"]}, r"`languages` filters parquet, hf_disk or files sources; for JSONL use"),
+        ({"format": "files", "where": {"a": 1}}, r"`where` filters records of jsonl, parquet or hf_disk"),
+        ({"format": "parquet", "extensions": [".py"]}, r"`extensions` filters files sources, not parquet"),
+        ({"format": "files", "languages": ["py"]}, r"unknown language\(s\) \['py'\] for a files source"),
+    ],
+)
+def test_filters_that_do_not_fit_the_format_name_the_recipe_and_source(
+    recipe_dict, prepared, tmp_path, setting, message
+):
+    path = _write(tmp_path / "docs.jsonl", [{"text": _text(i)} for i in range(5)])
+    recipe = _recipe(recipe_dict, prepared, path, tmp_path / "d", **setting)
+    with pytest.raises(DataError, match=r"^r\.yaml: data\.sources\.mine: " + message):
+        prepare_data(recipe)
+    assert not (tmp_path / "d").exists()  # checked before any data work

@@ -148,8 +148,14 @@ def test_starcoder_parquet_tree_and_languages_filter(tmp_path):
     assert [Path(u.path).parent.name for u in units] == ["javascript", "python"]
     assert [d.text for d in docs] == texts["javascript"] + texts["python"]
     assert docs[0].id == "javascript-0" and stats.documents == 5000
-    docs, _, units = _read(root, languages=["python"])
-    assert len(units) == 1 and [d.text for d in docs] == texts["python"]
+    docs, stats, units = _read(root, languages=["python"])
+    assert [d.text for d in docs] == texts["python"]
+    # The other language's file is not read, but counted (by folder: these files have no lang column).
+    assert sorted(u.skip for u in units) == ["", "other_language"] and stats.skipped == {"other_language": 1}
+    with pytest.raises(
+        DataError, match=r"`languages` \['py'\] matches no file.*folders here are javascript, python"
+    ):
+        _read(root, languages=["py"])
 
 
 def test_parquet_lang_column_row_ids_and_bad_cells(tmp_path):

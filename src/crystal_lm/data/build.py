@@ -217,6 +217,7 @@ def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
         "documents_read": stats.documents,
         "skipped": dict(sorted(stats.skipped.items())),
         "skip_examples": stats.examples[:5],
+        "filtered_by": stats.filtered_by,
         "dropped_short_documents": dropped,
         "text_bytes": text_bytes,
         "seconds": round(time.time() - t0, 3),

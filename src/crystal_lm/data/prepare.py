@@ -26,8 +26,15 @@ from crystal_lm.data.build import (
     total_counts,
 )
 from crystal_lm.data.corpus import EmbeddedCorpus, build_embedded_corpus
-from crystal_lm.data.documents import iter_source, source_fingerprint
-from crystal_lm.data.readers import Unit, detect_format, list_units
+from crystal_lm.data.documents import DataError, iter_source, source_fingerprint
+from crystal_lm.data.readers import (
+    Unit,
+    describe_filtered,
+    detect_format,
+    list_units,
+    merge_filtered_by,
+    source_settings_error,
+)
 from crystal_lm.data.shards import ShardError, ShardSet, token_dtype
 from crystal_lm.data.tokenizer import Tokenizer, padded_vocab_size, train_bpe
 from crystal_lm.train.metrics import count_progress
@@ -122,16 +129,42 @@ def _tokenizer(
     return tok
 
 
+def _in_recipe(recipe: Recipe, name: str, exc: DataError) -> DataError:
+    return DataError(f"{recipe.source_file or '<recipe>'}: data.sources.{name}: {exc}")
+
+
+def check_sources(recipe: Recipe) -> None:
+    """Check each source's filter settings (`where`, `languages`, `extensions`) against its format before
+    any data work, naming the recipe and source. The format is the source's `format`, or detected from
+    the files (only where a filter needs it)."""
+    for name, src in sorted(recipe.data.sources.items()):
+        if not (src.where or src.languages or src.extensions):
+            continue
+        try:
+            if src.embedded is not None:
+                fmt = "jsonl"
+            else:
+                fmt = src.format or detect_format(recipe.resolve_path(src.path or ""))
+            error = source_settings_error(src, fmt)
+        except DataError as exc:
+            raise _in_recipe(recipe, name, exc) from None
+        if error is not None:
+            raise DataError(f"{recipe.source_file or '<recipe>'}: data.sources.{name}: {error}")
+
+
 def source_units(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> tuple[str, list[Unit]]:
-    """The format of a source and its units of work, in a fixed order."""
+    """The format of a source and its units of work, in a fixed order. Errors name the recipe and source."""
     src = recipe.data.sources[name]
-    if src.embedded is not None:
-        assert corpus is not None
-        path, fmt = corpus.part_path(src.embedded), "jsonl"
-    else:
-        path = recipe.resolve_path(src.path or "")
-        fmt = src.format or detect_format(path)
-    return fmt, list_units(src, path, recipe.data.unit_bytes)
+    try:
+        if src.embedded is not None:
+            assert corpus is not None
+            path, fmt = corpus.part_path(src.embedded), "jsonl"
+        else:
+            path = recipe.resolve_path(src.path or "")
+            fmt = src.format or detect_format(path)
+        return fmt, list_units(src, path, recipe.data.unit_bytes)
+    except DataError as exc:
+        raise _in_recipe(recipe, name, exc) from None
 
 
 @dataclass
@@ -158,6 +191,7 @@ class DataPlan:
 def plan_data(recipe: Recipe) -> DataPlan:
     """Corpus and tokenizer (built here, once), then what every source's shard build consists of."""
     check_paths(recipe)
+    check_sources(recipe)
     cache = Path(recipe.data.cache_dir)
     corpus = _embedded_corpus(recipe, cache)
     fingerprints = {n: source_fingerprint(recipe, n, corpus) for n in recipe.data.sources}
@@ -216,9 +250,10 @@ def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -
                 "MIN_DOC_TOKENS); check that the source's text_field holds whole documents"
             )
         read = sum(r["documents_read"] for r in records)
+        why = describe_filtered(spec.src, merge_filtered_by(r.get("filtered_by", {}) for r in records))
         raise RecipeError(
             f"{where}: the source has no usable documents ({read} read; left out: "
-            f"{'; '.join(left_out) or 'none'})"
+            f"{'; '.join(left_out) or 'none'}){f'. {why}' if why else ''}"
         )
     if not any(r["splits"]["train"]["documents"] for r in records):
         ids = set()

@@ -52,6 +52,7 @@ __all__ = [
     "detect_format",
     "list_units",
     "read_unit",
+    "source_settings_error",
 ]
 
 FORMATS = ("jsonl", "parquet", "files", "hf_disk")
@@ -124,9 +125,10 @@ _UNSUPPORTED_COMPRESSION = {
 # Documentation beside data (a dataset card, a licence): not data, counted as `not_data`, never an error.
 _DOC_NAMES = ("readme", "license", "licence", "copying", "notice", "citation", "changelog")
 # Files left out by design, counted but never an error.
-_ROUTINE_FILE_SKIPS = frozenset({"not_data", "other_extension"})
+_ROUTINE_FILE_SKIPS = frozenset({"not_data", "other_extension", "other_language"})
 _SKIP_HINT = "or set the source's on_error: skip to count and skip such records"
 _MAX_EXAMPLES = 5
+_MAX_VALUES_SEEN = 12  # distinct values of a filtered field kept to show (SlimPajama has 7 set names)
 _DISCARD_CHUNK = 64 * 1024
 # A JSONL line may be this many times max_doc_bytes (plus the slack, for other fields) before it is skipped
 # unread: a \u escape (6 bytes) stands for a character of 1 to 3 UTF-8 bytes (a surrogate pair 12 for 4),
@@ -183,22 +185,78 @@ class Unit:
 
 @dataclass
 class ReadStats:
-    """What a reader saw: documents yielded, and records skipped per reason with a few examples."""
+    """What a reader saw: documents yielded, and records skipped per reason with a few examples.
+
+    `filtered_by` says why records were `filtered`: per `where` key (the first one a record failed) or
+    ``languages``, how many records lacked the field (``absent``) and a few distinct values seen (``values``),
+    so a filter that keeps nothing can name a misspelt key or the values there are.
+    """
 
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    filtered_by: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def skip(self, reason: str, where: str | None = None, detail: str = "") -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if where is not None and reason in _EXAMPLE_REASONS and len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
+    def filtered(self, key: str, value: Any) -> None:
+        """A record left out by the filter on `key`, whose value there was `value` (`_MISSING`: absent)."""
+        self.skipped["filtered"] = self.skipped.get("filtered", 0) + 1
+        miss = self.filtered_by.get(key)
+        if miss is None:
+            miss = self.filtered_by[key] = {"absent": 0, "values": []}
+        if value is _MISSING:
+            miss["absent"] += 1
+        elif len(miss["values"]) < _MAX_VALUES_SEEN:  # a small list: bounded work per record
+            shown = value if type(value) is str else json.dumps(value, default=str)[:80]
+            if shown not in miss["values"]:
+                miss["values"].append(shown)
+
     def merge(self, other: ReadStats) -> None:
         self.documents += other.documents
         for reason, n in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
         self.examples.extend(other.examples[: max(0, _MAX_EXAMPLES - len(self.examples))])
+        self.filtered_by = merge_filtered_by([self.filtered_by, other.filtered_by])
+
+
+def merge_filtered_by(parts: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """`ReadStats.filtered_by` of several units, summed (values: the first few distinct ones)."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for key, miss in part.items():
+            mine = out.setdefault(key, {"absent": 0, "values": []})
+            mine["absent"] += miss["absent"]
+            for v in miss["values"]:
+                if v not in mine["values"] and len(mine["values"]) < _MAX_VALUES_SEEN:
+                    mine["values"].append(v)
+    return out
+
+
+def describe_filtered(src: SourceConfig, filtered_by: dict[str, dict[str, Any]]) -> str:
+    """Why a source's filters kept nothing, for the error that says it has no usable documents: a `where`
+    key absent from every record (misspelt?), or the values the records hold there."""
+    notes = []
+    for key, miss in sorted(filtered_by.items()):
+        if key == "languages":
+            what, wanted = "`languages`", sorted(src.languages or [])
+        else:
+            what, want = f"`where` {key}", (src.where or {}).get(key)
+            wanted = want if isinstance(want, list) else [want]
+        if not miss["values"]:
+            notes.append(
+                f"{what}: absent from all {miss['absent']} records filtered (check the key's spelling; a "
+                "nested field is dotted, e.g. meta.redpajama_set_name)"
+            )
+            continue
+        seen = ", ".join(repr(v) for v in miss["values"])
+        more = ", …" if len(miss["values"]) >= _MAX_VALUES_SEEN else ""
+        absent = f"; {miss['absent']} records lack the field" if miss["absent"] else ""
+        notes.append(f"{what}: none of {wanted} found; values seen: {seen}{more}{absent}")
+    return "; ".join(notes)
 
 
 class _Bad(Exception):
@@ -386,17 +444,33 @@ def detect_format(path: Path) -> str:
     return "files"
 
 
-def _check(src: SourceConfig, fmt: str) -> None:
+def source_settings_error(src: SourceConfig, fmt: str) -> str | None:
+    """What is wrong with a source's filter settings for data of format `fmt`, or None. Needs no data, so a
+    recipe can be checked when it is loaded wherever the format is known (`format` given, or `embedded`)."""
     if fmt not in FORMATS:
-        raise DataError(f"unknown source format {fmt!r} (known: {', '.join(FORMATS)})")
+        return f"unknown source format {fmt!r} (known: {', '.join(FORMATS)})"
     if src.where and fmt == "files":
-        raise DataError("`where` filters records of jsonl, parquet or hf_disk sources, not files")
+        return "`where` filters records of jsonl, parquet or hf_disk sources, not files (use `languages` or `extensions`)"
     if src.languages and fmt == "jsonl":
-        raise DataError("`languages` filters parquet, hf_disk or files sources; for JSONL use `where`")
+        return "`languages` filters parquet, hf_disk or files sources; for JSONL use `where`"
     if src.extensions and fmt != "files":
-        raise DataError(f"`extensions` filters files sources, not {fmt}")
+        return f"`extensions` filters files sources, not {fmt}"
     if src.max_doc_bytes < 1:
-        raise DataError(f"max_doc_bytes must be positive, not {src.max_doc_bytes}")
+        return f"max_doc_bytes must be positive, not {src.max_doc_bytes}"
+    if fmt == "files" and src.languages and not src.extensions:
+        unknown = _wanted_languages(src) - set(LANGUAGE_OF_EXTENSION.values())  # type: ignore[operator]
+        if unknown:
+            return (
+                f"unknown language(s) {sorted(unknown)} for a files source (known: "
+                f"{', '.join(sorted(set(LANGUAGE_OF_EXTENSION.values())))}); or set `extensions`"
+            )
+    return None
+
+
+def _check(src: SourceConfig, fmt: str) -> None:
+    error = source_settings_error(src, fmt)
+    if error is not None:
+        raise DataError(error)
 
 
 def _wanted_languages(src: SourceConfig) -> set[str] | None:
@@ -408,13 +482,7 @@ def _extension_filter(src: SourceConfig) -> Callable[[Path], bool]:
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in src.extensions)
         return lambda p: p.name.lower().endswith(exts)
     wanted = _wanted_languages(src)
-    if wanted is not None:
-        unknown = wanted - set(LANGUAGE_OF_EXTENSION.values())
-        if unknown:
-            raise DataError(
-                f"unknown language(s) {sorted(unknown)} for a files source (known: "
-                f"{', '.join(sorted(set(LANGUAGE_OF_EXTENSION.values())))}); or set `extensions`"
-            )
+    if wanted is not None:  # the names were checked by `_check`
         return lambda p: _language(p) in wanted
     return lambda p: _language(p) is not None
 
@@ -455,7 +523,8 @@ def list_units(src: SourceConfig, path: Path, unit_bytes: int) -> list[Unit]:
     Every other entry of a folder or glob is accounted for: a file the source cannot read (another format,
     an unsupported compression, a dangling link, a FIFO) is a `DataError` naming it, or with ``on_error:
     skip`` a unit that counts it as skipped; documentation files (README, LICENSE) beside data and, in a
-    source tree, files of other languages are always counted (``not_data``, ``other_extension``).
+    source tree, files of other languages are always counted (``not_data``, ``other_extension``), as are
+    Parquet files that `languages` leaves out by their folder (``other_language``).
     """
     if unit_bytes < 1:
         raise DataError(f"unit_bytes must be positive, not {unit_bytes}")
@@ -493,7 +562,16 @@ def list_units(src: SourceConfig, path: Path, unit_bytes: int) -> list[Unit]:
             units = [Unit(str(p), name=rel[p]) for p in files]
             wanted = _wanted_languages(src)
             if wanted is not None:  # leave out whole files of other languages when the folder tells
-                units = [u for u in units if Path(u.path).parent.name.lower() in wanted or _lang_column(u)]
+                keep = [u for u in units if Path(u.path).parent.name.lower() in wanted or _lang_column(u)]
+                if not keep and units:
+                    folders = sorted({Path(u.path).parent.name for u in units})
+                    raise DataError(
+                        f"{path}: `languages` {sorted(src.languages or [])} matches no file: the Parquet files "
+                        "have no lang or language column, so a file's folder names its language, and the "
+                        f"folders here are {', '.join(folders)}"
+                    )
+                bad.extend((Path(u.path), "other_language", "") for u in units if u not in keep)
+                units = keep
         else:
             keep = _extension_filter(src)
             # A source tree holds READMEs, images, ...: files of other languages are left out, and counted.
@@ -704,12 +782,13 @@ def _lookup(record: Any, dotted: str) -> Any:
     return record
 
 
-def _where_matches(record: Any, where: dict[str, Any]) -> bool:
+def _where_miss(record: Any, where: dict[str, Any]) -> tuple[str, Any] | None:
+    """None when the record passes `where`; else the first key it fails and its value there (`_MISSING`)."""
     for key, want in where.items():
         value = _lookup(record, key)
         if value is _MISSING or value not in (want if isinstance(want, list) else [want]):
-            return False
-    return True
+            return key, value
+    return None
 
 
 def _valid_utf8(text: str) -> bool:
@@ -736,8 +815,11 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _parse_line(line: bytes, first: bool, src: SourceConfig, text_field: str) -> tuple[str, Any] | None:
-    """The text of one JSONL record and its id field, or None when `where` leaves it out; raises `_Bad`."""
+def _parse_line(
+    line: bytes, first: bool, src: SourceConfig, text_field: str, stats: ReadStats
+) -> tuple[str, Any] | None:
+    """The text of one JSONL record and its id field, or None when `where` leaves it out (counted in
+    `stats`); raises `_Bad`."""
     try:
         s = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -762,8 +844,11 @@ def _parse_line(line: bytes, first: bool, src: SourceConfig, text_field: str) ->
             f"a JSON {_json_type(record)}, not an object; each line must be one JSON object, " + _SKIP_HINT,
             "not an object",
         )
-    if src.where and not _where_matches(record, src.where):
-        return None
+    if src.where:
+        miss = _where_miss(record, src.where)
+        if miss is not None:
+            stats.filtered(*miss)
+            return None
     text = _lookup(record, text_field)
     if not isinstance(text, str):
         got = "missing" if text is _MISSING else f"a JSON {_json_type(text)}"
@@ -831,9 +916,8 @@ def _read_jsonl(unit: Unit, src: SourceConfig, stats: ReadStats) -> Iterator[Doc
                         continue
                     if not line.strip():
                         continue
-                    parsed = _parse_line(line, line_offset == 0, src, text_field)
+                    parsed = _parse_line(line, line_offset == 0, src, text_field, stats)
                     if parsed is None:
-                        stats.skip("filtered")
                         continue
                     text, doc_id = parsed
                     if _utf8_over(text, limit):
@@ -1026,11 +1110,13 @@ def _batch_documents(
     for i, text in enumerate(texts):
         row = row0 + i
         if langs is not None and str(langs[i]).lower() not in (wanted or ()):
-            stats.skip("filtered")
+            stats.filtered("languages", langs[i])
             continue
-        if src.where and not _where_matches({c: v[i] for c, v in wheres.items()}, src.where):
-            stats.skip("filtered")
-            continue
+        if src.where:
+            miss = _where_miss({c: v[i] for c, v in wheres.items()}, src.where)
+            if miss is not None:
+                stats.filtered(*miss)
+                continue
         where = f"{path}: row {row}"
         if too_large is not None and too_large[i]:
             stats.skip("too_large", where, f"over max_doc_bytes={limit}")
