@@ -161,8 +161,20 @@ def test_training_starts_from_a_released_checkpoint(trained_run, prepared, relea
     result = train(cont, tmp_path / "cont", data=data, init_from=ckpt)
     first = read_jsonl(tmp_path / "cont" / "eval.jsonl")[0]
     assert first["val_loss"] == pytest.approx(summary["stages"][1]["val_loss"], rel=1e-6)  # exact weights
-    assert json.loads((tmp_path / "cont" / "init_from.json").read_text())["optimizer"] is True
+    init = json.loads((tmp_path / "cont" / "init_from.json").read_text())
+    assert init["optimizer"] is True and init["resolved"] == str(ckpt.resolve())
+    assert (
+        init["weights_sha256"]["model.safetensors"]
+        == read_manifest(release)[f"{ckpt.relative_to(release).as_posix()}/model.safetensors"][0]
+    )
     assert result["complete"] and result["tokens_seen"] == 4 * 64 * 2
+    # Its release names the starting checkpoint: the record is released (and in MANIFEST), the card says it.
+    rel = build_release(tmp_path / "cont", tmp_path / "rel", log=lambda m: None)
+    assert json.loads((rel / "init_from.json").read_text()) == init and "init_from.json" in read_manifest(rel)
+    card = (rel / "README.md").read_text()
+    assert "## Starting checkpoint" in card and f"`{ckpt}`" in card and f"`{ckpt.resolve()}`" in card
+    assert init["weights_sha256"]["model.safetensors"] in card and "and optimizer state" in card
+    assert verify_release(rel, check_data=False).ok
 
     from crystal_lm.model import build_model
     from crystal_lm.train.checkpoint import read_optimizer_state

@@ -9,6 +9,7 @@ Layout (the top level is itself a Hugging Face model folder holding the final mo
                               LLM360's branches; `crystal_state/` holds its training state (and the
                               optimizer, with --with-optimizer) so training resumes from it
     recipe.json, recipe.yaml  the recipe as run, every default resolved
+    init_from.json            the checkpoint training started from, for a run started with --init-from
     data/manifest.json        corpus sources (versions, licences, sha256), tokenizer and shard hashes
     data/order.json           per stage: what defines the order and a fingerprint of it
     logs/                     metrics.jsonl (every step), eval.jsonl, summary.json
@@ -193,6 +194,8 @@ def build_release(
         (tmp / "checkpoints" / "index.json").write_text(json.dumps(released, indent=1) + "\n")
 
         (tmp / "recipe.json").write_text(json.dumps(record, indent=1) + "\n")
+        if (run_dir / "init_from.json").is_file():  # the checkpoint training started from (--init-from)
+            shutil.copyfile(run_dir / "init_from.json", tmp / "init_from.json")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         data = prepare_data(recipe)
         (tmp / "data").mkdir()

@@ -27,6 +27,29 @@ def _tokens(n: int) -> str:
     return str(n)
 
 
+def _starting_checkpoint(release: Path) -> list[str]:
+    """The card's words on `init_from.json`: what training started from, when not from scratch."""
+    path = release / "init_from.json"
+    if not path.is_file():
+        return []
+    init = json.loads(path.read_text())
+    hashes = init.get("weights_sha256") or {}
+    weights = (
+        ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in sorted(hashes.items()))
+        if hashes
+        else "weights hash not recorded"
+    )
+    return [
+        "## Starting checkpoint",
+        "",
+        f"Training did not start from scratch: stage 1 started from the checkpoint `{init['init_from']}` (as "
+        f"given to `--init-from`; resolved: `{init.get('resolved', 'not recorded')}`), its weights "
+        f"{'and optimizer state' if init.get('optimizer') else 'only (a fresh optimizer)'}; {weights}. "
+        "Recorded in `init_from.json`.",
+        "",
+    ]
+
+
 def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> str:
     summary = json.loads((release / "logs" / "summary.json").read_text())
     checkpoints = json.loads((release / "checkpoints" / "index.json").read_text())
@@ -83,6 +106,7 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
             f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {mix} | {stage.fim.rate:g} | {sched} | {opt} |"
         )
     lines += ["", f"Batch {recipe.train.batch_size} × {recipe.data.seq_len} tokens; seed {recipe.seed}.", ""]
+    lines += _starting_checkpoint(release)
 
     lines += ["## Evaluation at the final checkpoint", ""]
     last_stage = summary["stages"][-1]

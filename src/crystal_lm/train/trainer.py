@@ -405,7 +405,14 @@ def train(
         opt_state = load_initial_weights(init_from, model, recipe, data.tokenizer.sha256)
         init_optimizer = opt_state is not None
         if world.main:
-            record = {"init_from": str(init_from), "optimizer": init_optimizer}
+            from crystal_lm.train.compat import weights_sha256
+
+            record = {  # the path as given, where it led, and what was there
+                "init_from": str(init_from),
+                "resolved": str(Path(init_from).resolve()),
+                "weights_sha256": weights_sha256(Path(init_from)),
+                "optimizer": init_optimizer,
+            }
             (run_dir / "init_from.json").write_text(json.dumps(record, indent=1) + "\n")
         log.info("starting from %s (%s)", init_from, "with optimizer state" if init_optimizer else "weights")
     model.to(world.device)
