@@ -196,6 +196,26 @@ def test_per_document_fim_before_packing(recipe_dict, prepared, jsonl_source, tm
         assert [doc.count(t) for t in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)] == [1, 1, 1]
         spm += doc[2] == tok.fim_suffix_id
     assert 0 < spm < 40  # both PSM and SPM layouts occur
+    # Validation documents are split off first and stay plain: <s> tokens </s>, no sentinel.
+    val = built.val["mine"]
+    val_stream = [t for i in range(len(val)) for t in val.window(i).tokens[:-1].tolist()]
+    texts = {}
+    for part in folder.glob("*.jsonl"):
+        for line in part.read_text().splitlines():
+            if '"id"' in line:
+                d = json.loads(line)
+                texts[d["id"]] = normalize_text(d["text"], recipe.data.normalize)
+    val_docs = list(val.documents())
+    assert val_docs
+    from crystal_lm.data.order import order_records
+
+    records = order_records(recipe, built, 0, 0, 8)  # stage 1 has no FIM of its own
+    assert all(r["document_fim"] and not r["fim"] for r in records)
+    for d in val_docs:
+        ids = [
+            t for p in split_for_tokenizing(texts[d["id"]], recipe.data.chunk_chars) for t in tok.encode(p)
+        ]
+        assert val_stream[d["start"] : d["start"] + d["tokens"]] == [tok.bos_id, *ids, tok.eos_id]
     d = copy.deepcopy(recipe_dict)
     d["data"]["sources"]["python"]["document_fim"] = {"rate": 0.5}
     with pytest.raises(RecipeError, match=r"stages\[1\]\.fim: source 'python' is already FIM'd per document"):
@@ -279,3 +299,42 @@ def test_a_text_budget_is_spent_in_unit_order_across_an_interruption(
         assert _shard_contents(a) == _shard_contents(b)
     kept = sum(u["documents_read"] for u in clean.train["mine"].index["units"])
     assert kept < jsonl_source[1]  # the budget ran out before the last unit's end
+
+
+def test_max_bytes_is_a_utf8_prefix_the_same_for_shards_and_tokenizer_sampling(
+    recipe_dict, prepared, tmp_path
+):
+    """`max_bytes` keeps the documents before the first one that would take the UTF-8 bytes of text past
+    it, in unit order: no later (smaller) document is taken, whatever `unit_bytes`, and tokenizer sampling
+    (`iter_source`) reads the same prefix."""
+    from crystal_lm.data.documents import iter_source
+
+    _, data = prepared
+    folder = tmp_path / "src"
+    folder.mkdir()
+    word = "the quick brown fox jumps over a lazy dog "
+
+    def doc(name: str, i: int, size: int) -> str:  # `size` characters, each "é" two UTF-8 bytes
+        text = (f"{name}{i} " + word * 40)[: size - 50] + "é" * 50
+        return json.dumps({"id": f"{name}{i}", "text": text}) + "\n"
+
+    # a: ten documents of 300 characters (350 bytes), then one of 3000; b: ten more of 300 characters.
+    (folder / "a.jsonl").write_text("".join(doc("a", i, 300) for i in range(10)) + doc("big", 0, 3000))
+    (folder / "b.jsonl").write_text("".join(doc("b", i, 300) for i in range(10)))
+    kept = {}
+    for unit_bytes in (2**20, 1500):  # one unit per file, or byte ranges of a
+        recipe = _recipe(
+            recipe_dict,
+            folder,
+            tmp_path / f"c{unit_bytes}",
+            workers=1,
+            unit_bytes=unit_bytes,
+            tokenizer={"path": str(data.tokenizer.path)},
+        )
+        recipe.data.sources["mine"].max_bytes = 3400  # 9 documents' bytes (10 documents' characters)
+        built = prepare_data(recipe)
+        ids = {d["id"] for split in (built.train, built.val) for d in split["mine"].documents()}
+        assert ids == {d.id for d in iter_source(recipe, "mine", None)}
+        assert built.manifest()["sources"]["mine"]["max_bytes_reached"] is True
+        kept[unit_bytes] = ids
+    assert kept[2**20] == kept[1500] == {f"a{i}" for i in range(9)}

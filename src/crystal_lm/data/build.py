@@ -55,7 +55,8 @@ class BuildSpec:
     val_fraction: float
     normalize: str
     chunk_chars: int | None
-    max_bytes: int | None = None  # a text budget for this unit (sources capped with `max_bytes`)
+    # The text budget left for this unit (sources capped with `max_bytes`: UTF-8 bytes of normalised text).
+    max_bytes: int | None = None
     force_val: tuple[str, ...] = ()  # documents held out whatever their hash (see `ensure_validation`)
     seed: int = 1  # for per-document FIM draws
 
@@ -149,7 +150,16 @@ def _encode(tok: Tokenizer, docs: list[Document], chunk_chars: int | None) -> li
     return out
 
 
-def _normalized(spec: BuildSpec, docs: Iterator[Document], stats: ReadStats) -> Iterator[Document]:
+def utf8_len(text: str) -> int:
+    """UTF-8 bytes of a text (what `max_bytes` counts)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _normalized(
+    spec: BuildSpec, docs: Iterator[Document], stats: ReadStats, reached: list[bool]
+) -> Iterator[Document]:
+    """Normalised non-empty documents; with a budget, the prefix that fits it: the first document that would
+    exceed it ends the source (`reached` is set), as `documents.iter_source` ends it."""
     budget = spec.max_bytes
     for d in docs:
         text = normalize_text(d.text, spec.normalize)
@@ -157,8 +167,9 @@ def _normalized(spec: BuildSpec, docs: Iterator[Document], stats: ReadStats) -> 
             stats.skipped["empty"] = stats.skipped.get("empty", 0) + 1
             continue
         if budget is not None:
-            budget -= len(text)
+            budget -= utf8_len(text)
             if budget < 0:
+                reached.append(True)
                 return
         yield Document(d.id, text)
 
@@ -191,18 +202,26 @@ def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
             if len(ids) < MIN_DOC_TOKENS:
                 dropped += 1
                 continue
-            if fim is not None:  # StarCoder-style: the whole document, before packing; keyed by its id
+            held_out = is_validation(doc.id, spec.val_fraction) or doc.id in spec.force_val
+            if fim is not None and not held_out:
+                # StarCoder-style: the whole document, before packing; keyed by its id. Training documents
+                # only: validation stays plain text, comparable across stages and sources.
                 rng = _rng(spec.seed, spec.source, "document-fim", doc.id)
                 ids = permute_segment(np.asarray(ids), tok, rng, fim.rate, fim.spm_rate)[0].tolist()
-            held_out = is_validation(doc.id, spec.val_fraction) or doc.id in spec.force_val
             writers["val" if held_out else "train"].add(doc.id, ids)
         batch.clear()
 
     pending = text_bytes = 0
-    for doc in _normalized(spec, read_unit(unit, spec.src, spec.fmt, stats), stats):
+    reached: list[bool] = []
+    if spec.max_bytes is not None and spec.max_bytes < 0 and not unit.skip:
+        docs: Iterator[Document] = iter(())  # a unit after the end of the source's `max_bytes` prefix
+        reached.append(True)
+    else:
+        docs = _normalized(spec, read_unit(unit, spec.src, spec.fmt, stats), stats, reached)
+    for doc in docs:
         batch.append(doc)
         pending += len(doc.text)
-        text_bytes += len(doc.text)
+        text_bytes += utf8_len(doc.text) if spec.max_bytes is not None else len(doc.text)
         if len(batch) >= 256 or pending >= 2**20:  # bounded memory whatever the document sizes
             flush()
             pending = 0
@@ -219,7 +238,8 @@ def build_unit(spec: BuildSpec, unit: Unit, units_dir: Path) -> dict:
         "skip_examples": stats.examples[:5],
         "filtered_by": stats.filtered_by,
         "dropped_short_documents": dropped,
-        "text_bytes": text_bytes,
+        "text_bytes": text_bytes,  # UTF-8 bytes under `max_bytes` (characters otherwise)
+        "max_bytes_reached": bool(reached),  # the source's `max_bytes` prefix ended in or before this unit
         "seconds": round(time.time() - t0, 3),
         "splits": {
             s: {
@@ -263,18 +283,17 @@ def build_units(
     if todo:
         log.info("%s: %d of %d units to build with %d worker(s)", spec.source, len(todo), len(units), workers)
     if workers == 1 or len(todo) <= 1:
-        budget = spec.max_bytes
+        before: list[dict] = []
         for u in units:  # in unit order: a text budget is spent by the units before, built now or earlier
             path = units_dir / u.key / "unit.json"
             if path.is_file():
                 record = json.loads(path.read_text())
             else:
-                record = build_unit(_with_budget(spec, budget), u, units_dir)
+                record = build_unit(_with_budget(spec, budget_left(spec.max_bytes, before)), u, units_dir)
                 done += 1
                 if progress:
                     progress(done, len(units))
-            if budget is not None:
-                budget -= record["text_bytes"]
+            before.append(record)
     else:
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or tokenizer state
         with ctx.Pool(workers) as pool:
@@ -285,8 +304,18 @@ def build_units(
     return [json.loads((units_dir / u.key / "unit.json").read_text()) for u in units]
 
 
+def budget_left(max_bytes: int | None, before: list[dict]) -> int | None:
+    """The text budget of the unit after the `before` records: what they left, or -1 once the source's
+    `max_bytes` prefix has ended (a later unit is not read, even where a smaller document would fit)."""
+    if max_bytes is None:
+        return None
+    if any(r.get("max_bytes_reached") for r in before):
+        return -1
+    return max_bytes - sum(r["text_bytes"] for r in before)
+
+
 def _with_budget(spec: BuildSpec, budget: int | None) -> BuildSpec:
-    return spec if budget is None else BuildSpec(**{**spec.__dict__, "max_bytes": max(budget, 0)})
+    return spec if budget is None else BuildSpec(**{**spec.__dict__, "max_bytes": budget})
 
 
 def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: list[dict]) -> list[dict]:
@@ -309,8 +338,9 @@ def ensure_validation(spec: BuildSpec, units: list[Unit], root: Path, records: l
     _, doc_id, k = min(candidates)
     shutil.rmtree(root / "units" / units[k].key)
     # The unit is rebuilt with the text budget it had (what the units before it left).
-    budget = None if spec.max_bytes is None else spec.max_bytes - sum(r["text_bytes"] for r in records[:k])
-    forced = BuildSpec(**{**_with_budget(spec, budget).__dict__, "force_val": (doc_id,)})
+    forced = BuildSpec(
+        **{**_with_budget(spec, budget_left(spec.max_bytes, records[:k])).__dict__, "force_val": (doc_id,)}
+    )
     return [*records[:k], build_unit(forced, units[k], root / "units"), *records[k + 1 :]]
 
 
@@ -364,6 +394,8 @@ def finalize(
                 }
                 for r in records
             ],
+            # The source's `max_bytes` prefix ended before its last document (the rest was not read).
+            "max_bytes_reached": any(r.get("max_bytes_reached", False) for r in records),
             "skipped": total_counts(r["skipped"] for r in records),
             "skip_examples": [e for r in records for e in r["skip_examples"]][:10],
             "dropped_short_documents": sum(r["dropped_short_documents"] for r in records),

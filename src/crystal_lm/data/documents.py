@@ -24,9 +24,10 @@ class DataError(ValueError):
 
 
 def iter_source(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> Iterator[Document]:
-    """Documents of one source as the shard builder sees them (normalised, empty ones dropped, at most
-    `max_bytes` of text), read unit after unit in one process; for inspection and tokenizer training."""
-    from crystal_lm.data.build import normalize_text
+    """Documents of one source as the shard builder sees them (normalised, empty ones dropped; with
+    `max_bytes`, the prefix ending before the first document that would take the UTF-8 bytes of text past
+    it), read unit after unit in one process; for inspection and tokenizer training."""
+    from crystal_lm.data.build import normalize_text, utf8_len
     from crystal_lm.data.prepare import source_units
     from crystal_lm.data.readers import Document, ReadStats, read_unit
 
@@ -39,9 +40,10 @@ def iter_source(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None) -> Ite
             text = normalize_text(doc.text, recipe.data.normalize)
             if not text.strip():
                 continue
-            total += len(text)
-            if src.max_bytes is not None and total > src.max_bytes:
-                return
+            if src.max_bytes is not None:
+                total += utf8_len(text)
+                if total > src.max_bytes:
+                    return
             yield Document(doc.id, text)
 
 
@@ -55,6 +57,12 @@ def source_fingerprint(recipe: Recipe, name: str, corpus: EmbeddedCorpus | None)
         "chunk_chars": recipe.data.chunk_chars,
         "seed": recipe.seed if src.document_fim is not None else None,  # the per-document FIM draws
     }
+    # Shards built under earlier rules differ: max_bytes counted characters and read on past its cut;
+    # document_fim also FIM'd validation documents.
+    if src.max_bytes is not None:
+        settings["max_bytes_rule"] = "utf8-prefix"
+    if src.document_fim is not None:
+        settings["document_fim_rule"] = "train-only"
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     if src.embedded is not None:
         assert corpus is not None

@@ -80,11 +80,13 @@ def _shard_summary(s: ShardSet) -> dict:
 
 
 def _read_summary(s: ShardSet) -> dict:
-    """What reading the source left out, per reason (the same in both splits' indexes)."""
+    """What reading the source left out, per reason (the same in both splits' indexes), and whether its
+    `max_bytes` prefix ended before the source did."""
     return {
         "skipped": s.index.get("skipped", {}),
         "dropped_short_documents": s.index.get("dropped_short_documents", 0),
         "skip_examples": s.index.get("skip_examples", [])[:5],
+        **({"max_bytes_reached": True} if s.index.get("max_bytes_reached") else {}),
     }
 
 
