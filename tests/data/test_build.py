@@ -178,6 +178,7 @@ def test_fail_mode_names_the_file_and_line(recipe_dict, prepared, jsonl_source, 
 
 def test_per_document_fim_before_packing(recipe_dict, prepared, jsonl_source, tmp_path):
     from crystal_lm.config import RecipeError
+    from crystal_lm.data.order import order_records
 
     _, data = prepared
     tok = data.tokenizer
@@ -207,15 +208,14 @@ def test_per_document_fim_before_packing(recipe_dict, prepared, jsonl_source, tm
                 texts[d["id"]] = normalize_text(d["text"], recipe.data.normalize)
     val_docs = list(val.documents())
     assert val_docs
-    from crystal_lm.data.order import order_records
-
-    records = order_records(recipe, built, 0, 0, 8)  # stage 1 has no FIM of its own
-    assert all(r["document_fim"] and not r["fim"] for r in records)
     for d in val_docs:
         ids = [
             t for p in split_for_tokenizing(texts[d["id"]], recipe.data.chunk_chars) for t in tok.encode(p)
         ]
         assert val_stream[d["start"] : d["start"] + d["tokens"]] == [tok.bos_id, *ids, tok.eos_id]
+    # Order records say the sample holds document-level FIM.
+    records = order_records(recipe, built, 0, 0, 8)  # stage 1 has no FIM of its own
+    assert all(r["document_fim"] and not r["fim"] for r in records)
     d = copy.deepcopy(recipe_dict)
     d["data"]["sources"]["python"]["document_fim"] = {"rate": 0.5}
     with pytest.raises(RecipeError, match=r"stages\[1\]\.fim: source 'python' is already FIM'd per document"):
