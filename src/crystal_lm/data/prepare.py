@@ -252,7 +252,9 @@ def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -
                 "MIN_DOC_TOKENS); check that the source's text_field holds whole documents"
             )
         read = sum(r["documents_read"] for r in records)
-        why = describe_filtered(spec.src, merge_filtered_by(r.get("filtered_by", {}) for r in records))
+        why = ""
+        if not read:  # the filters kept nothing: say what the records hold
+            why = describe_filtered(spec.src, merge_filtered_by(r.get("filtered_by", {}) for r in records))
         raise RecipeError(
             f"{where}: the source has no usable documents ({read} read; left out: "
             f"{'; '.join(left_out) or 'none'}){f'. {why}' if why else ''}"
