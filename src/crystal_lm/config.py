@@ -76,7 +76,8 @@ class SourceConfig:
     on_error: Literal["fail", "skip"] = "fail"
     # Documents larger than this are skipped and counted (a single huge document never fills memory).
     max_doc_bytes: int = 64 * 2**20
-    # Stop reading the source after this many bytes of text (None = all of it).
+    # A prefix of the source: reading stops at the first document that would take its normalised text past
+    # this many UTF-8 bytes, in file order, for shards and tokenizer sampling alike (None = all of it).
     max_bytes: int | None = None
     # Optional FIM per document before packing, instead of Crystal's per-sample FIM after packing (a stage's
     # `fim` must then leave this source out).
