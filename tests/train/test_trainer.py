@@ -335,6 +335,36 @@ def test_a_recipe_that_failed_before_training_does_not_lock_the_folder(
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["recipe"]["model"]["d_model"] == 32
 
 
+def test_a_folder_that_is_not_a_run_is_not_trained_into(small_recipe, prepared, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"holds other files and no crystal-lm run"):
+        train(small_recipe, tmp_path, data=prepared[1], stop_after_steps=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_init_from_is_kept_by_the_run_folder(trained_run, recipe_dict, prepared, tmp_path):
+    """A run started with --init-from and interrupted before its first checkpoint started again from a random
+    initialisation when rerun without the flag; an --init-from given to a run with checkpoints was ignored."""
+    _, run_dir, _ = trained_run
+    _, data = prepared
+    recipe = recipe_from_dict(recipe_dict)
+    start, other = (
+        run_dir / "checkpoints" / n for n in ("phase1_checkpoint_000003", "phase2_checkpoint_000003")
+    )
+    run = tmp_path / "run"
+    train(recipe, run, data=data, init_from=start, stop_after_steps=1)  # stopped before a checkpoint
+    first = read_jsonl(run / "metrics.jsonl")[0]["loss"]
+    train(recipe, run, data=data, stop_after_steps=1)  # the same command without the flag
+    assert read_jsonl(run / "metrics.jsonl")[-1]["loss"] == first  # from the recorded start, not random
+    train(recipe, tmp_path / "fresh", data=data, stop_after_steps=1)
+    assert read_jsonl(tmp_path / "fresh" / "metrics.jsonl")[0]["loss"] != first
+
+    train(recipe, run, data=data, stop_after_steps=3)  # a checkpoint now exists
+    with pytest.raises(RunDirError, match=r"began from .*phase1_checkpoint_000003.*--init-from .*phase2"):
+        train(recipe, run, data=data, init_from=other)
+    assert train(recipe, run, data=data, init_from=start, stop_after_steps=4) == {"stopped_at": 4}
+
+
 def test_resume_purges_tensorboard_steps_after_the_checkpoint_and_saves_quietly(
     recipe_dict, prepared, tmp_path
 ):

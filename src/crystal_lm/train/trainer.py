@@ -192,8 +192,15 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
     """Record the recipe a run folder belongs to; refuse to continue it with another recipe, naming the keys
     that differ. Keys that change nothing computed (`RUN_NEUTRAL_KEYS`: description, retention, logging) may
     change; the record then stays the run's first recipe. A record with no training yet is replaced."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir}: a file, not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "recipe.json"
+    if not record.is_file() and any(run_dir.iterdir()):  # checkpoints and logs would mix with what is there
+        raise RunDirError(
+            f"--out {run_dir}: a folder that holds other files and no crystal-lm run (no recipe.json); give a "
+            "new or empty folder"
+        )
     fp = recipe.fingerprint()
     if record.is_file():
         old = json.loads(record.read_text())
@@ -220,6 +227,35 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
     write_text_atomic(record, json.dumps(body, indent=1, default=list) + "\n")
     if recipe.source_file:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
+
+
+def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: bool) -> str | Path | None:
+    """The checkpoint a new run starts from. The run folder records it (init_from.json): starting again after
+    an interruption before the first checkpoint uses it again rather than a random initialisation, and an
+    --init-from for a run that already has checkpoints, which would be ignored, is refused."""
+    record_path = run_dir / "init_from.json"
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if resuming:
+        if init_from is not None and (
+            recorded is None or Path(init_from).resolve() != Path(recorded["resolved"])
+        ):
+            began = f"from {recorded['init_from']}" if recorded else "without --init-from"
+            raise RunDirError(
+                f"{run_dir} holds a run that began {began}; --init-from {init_from} only starts a new run. "
+                "Drop it to resume this one, or use a new --out folder."
+            )
+        return None
+    if init_from is None and recorded is not None:
+        from crystal_lm.train.compat import weights_sha256
+
+        if weights_sha256(Path(recorded["resolved"])) != recorded["weights_sha256"]:
+            raise RunDirError(
+                f"{run_dir} began from {recorded['resolved']} (recorded in {record_path}), whose weights have "
+                "changed since; give --init-from explicitly to start from them as they are now"
+            )
+        log.info("starting from %s again, as recorded in %s", recorded["init_from"], record_path)
+        return recorded["resolved"]
+    return init_from
 
 
 def load_initial_weights(
@@ -379,6 +415,7 @@ def train(
     resume = latest_checkpoint(ck_root)
     if resume is not None:
         refuse_changed_data(run_dir, resume, data)
+    init_from = _initial_checkpoint(run_dir, init_from, resuming=resume is not None)
     world.barrier()
     tokenizer_path = run_dir / "tokenizer.json"
     if world.main:
