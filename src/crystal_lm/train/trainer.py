@@ -590,9 +590,10 @@ def train(
                         if extra is not None:
                             extra.log({"val_loss": state.val_loss}, state.global_step, prefix="")
                         removed = prune_checkpoints(ck_root, recipe)
+                        losses = ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items())
                         progress.message(
-                            f"checkpoint {name}: val loss "
-                            + ", ".join(f"{k} {v:.3f}" for k, v in state.val_loss.items())
+                            f"checkpoint {name}: "
+                            + (f"val loss {losses}" if losses else "no validation data (data.val_fraction)")
                             + (f" (removed {', '.join(removed)})" if removed else "")
                         )
                     world.barrier()
