@@ -284,3 +284,28 @@ def test_data_order_and_eval_messages_say_what_is_wrong(trained_run, tmp_path, c
     )
     out = crystal_here("eval", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and f"crystal: error: {tmp_path / 'nowhere'}: does not exist" in out.stderr
+
+
+def test_import_options_and_export_shard_size_are_checked(trained_run, tmp_path, crystal_here):
+    _, run_dir, _ = trained_run
+    ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
+    for bad in ("0", "-1"):
+        out = crystal_here("export", ckpt, "--out", str(tmp_path / "hf"), "--max-shard-gb", bad)
+        assert out.returncode == 2 and f"argument --max-shard-gb: '{bad}' must be positive" in out.stderr
+    assert not (tmp_path / "hf").exists()
+    hf = tmp_path / "CrystalCoder_phase3_checkpoint_000004"
+    assert crystal_here("export", ckpt, "--out", str(hf)).returncode == 0
+    out = crystal_here("import", str(hf), "--out", str(tmp_path / "a"))
+    assert (
+        out.returncode == 0
+        and "position: phase 3, step 4, tokens unknown (phase and step from the folder name" in out.stderr
+    )
+    out = crystal_here(
+        "import", str(hf), "--out", str(tmp_path / "b"), "--phase", "2", "--step", "7", "--tokens", "900"
+    )
+    assert (
+        out.returncode == 0
+        and "position: phase 2, step 7, 900 tokens (--phase, --step, --tokens given)" in out.stderr
+    )
+    out = crystal_here("import", str(hf), "--out", str(tmp_path / "c"), "--phase", "0")
+    assert out.returncode == 2 and "argument --phase: '0' must be positive" in out.stderr

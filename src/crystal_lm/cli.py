@@ -289,10 +289,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     for r in records:
         m = r["metrics"]
-        main = {k: m[k] for k in ("code", "text", "acc", "acc_norm", "exact_match", "pass@1") if k in m}
+        keys = ("code", "text", "acc", "acc_norm", "exact_match", "pass@1", "score", "heldout_score")
+        main = {k: m[k] for k in keys if isinstance(m.get(k), int | float)}
+        tokens = "tokens unknown" if r["tokens"] is None else f"{r['tokens']:,}"
         print(
-            f"{r['checkpoint']:<28} {r['tokens']:>14,} {r['task']:<14} "
-            + ", ".join(f"{k} {v:.4f}" for k, v in main.items())
+            f"{r['checkpoint']:<28} {tokens:>14} {r['task']:<14} "
+            + "; ".join(
+                part for part in (", ".join(f"{k} {v:.4f}" for k, v in main.items()), m.get("reason")) if part
+            )
         )
     print(f"results: {store}", file=sys.stderr)
     return 0
@@ -373,7 +377,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from crystal_lm.interop.llm360 import import_hf
 
-    print(f"imported: {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
+    out = import_hf(
+        args.hf_dir,
+        args.out,
+        overwrite=args.overwrite,
+        phase=args.phase,
+        step=args.step,
+        tokens=args.tokens,
+        tokenizer=args.tokenizer,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"imported: {out}")
     return 0
 
 
@@ -682,6 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--phase",
+        type=_positive(int),
+        help="its stage, from 1 (default: from a name like X_phase2_checkpoint_N)",
+    )
+    p.add_argument(
+        "--step", type=_non_negative(int), help="steps done in that stage (default: from the name)"
+    )
+    p.add_argument(
+        "--tokens", type=_non_negative(int), help="tokens seen (default: unknown, except Crystal's)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.json to use (when the folder has none, or another)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="crystal-lm checkpoint → LLM360 Hugging Face layout")
@@ -689,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     p.add_argument("--fold-mup", action="store_true", help="standard-parametrisation variant (untied head)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--max-shard-gb", type=_positive(float), default=5.0, help="largest shard in GiB")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -729,8 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_eval_lm)
 
-    p = sub.add_parser("report", help="write report.md and plots for a run")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "report", help="write report.md and plots for a run (or a folder with eval/results.jsonl)"
+    )
+    p.add_argument("run_dir", help="a run folder, or a folder holding only a sweep store eval/results.jsonl")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")

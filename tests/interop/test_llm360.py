@@ -463,3 +463,83 @@ def test_out_that_is_holds_or_lies_in_the_source_is_refused_and_nothing_is_lost(
             import_hf(llm360_dir, out, overwrite=True)
     assert {p: p.read_bytes() for p in before} == before
     assert export_hf(ckpt, tmp_path / "hf", overwrite=True).is_dir()  # a folder beside it is fine
+
+
+def test_import_places_a_branch_in_its_training_from_its_name_or_the_options(llm360_dir, tmp_path):
+    """LLM360 names branches `CrystalCoder_phase{N}_checkpoint_{step}` (the step counted within the phase):
+    phase and step come from that name, said in the output; tokens only when given or, for Crystal's own
+    run, derived from its batch and stage lengths (crystal-spec §4), never guessed."""
+    import shutil
+
+    from crystal_lm.interop.llm360 import crystal_position, import_position
+    from crystal_lm.train.checkpoint import load_state
+
+    branch = tmp_path / "CrystalCoder_phase2_checkpoint_000006"
+    shutil.copytree(llm360_dir, branch)
+    said = []
+    ckpt = import_hf(branch, tmp_path / "p2", log=said.append)
+    state = load_state(ckpt)
+    assert (state.stage_index, state.step, state.tokens_seen) == (1, 6, 0)
+    imported = json.loads((ckpt / "config.json").read_text())["imported"]
+    assert imported["phase"] == 2 and imported["step"] == 6 and imported["tokens"] is None  # a tiny model
+    assert any("phase 2, step 6, tokens unknown (phase and step from the folder name" in m for m in said)
+    ckpt = import_hf(branch, tmp_path / "given", step=9, tokens=12_345)
+    state = load_state(ckpt)
+    assert (state.stage_index, state.step, state.tokens_seen) == (1, 9, 12_345)
+    said.clear()
+    import_hf(llm360_dir, tmp_path / "unknown", log=said.append)
+    assert any("position in training unknown (give --phase N --step S" in m for m in said)
+    with pytest.raises(InteropError, match="give --phase and --step together"):
+        import_hf(llm360_dir, tmp_path / "half", phase=2)
+    # Crystal's own branches: cumulative tokens from 2112 x 2048 per step, stages of 79,721 / 214,387 steps.
+    assert crystal_position(1, 55_500) == (55_500, 55_500 * 4_325_376)
+    assert crystal_position(2, 214_387) == (294_108, 294_108 * 4_325_376)  # 1.27 T, as the spec derives
+    assert crystal_position(3, 27_728)[1] == (79_721 + 214_387 + 27_728) * 4_325_376
+    seven_b = load_recipe(REPO / "recipes" / "crystal-7b.yaml").model
+    state, record = import_position(tmp_path / "CrystalCoder_phase2_checkpoint_214387", seven_b)
+    assert state.tokens_seen == 294_108 * 4_325_376 and state.global_step == 294_108
+    assert "Crystal's 2112 × 2048-token steps" in record["from"]
+    cfg, _ = from_hf_config(_llm360_config())  # another model under that name: tokens not invented
+    assert import_position(tmp_path / "CrystalCoder_phase2_checkpoint_214387", cfg)[1]["tokens"] is None
+
+
+def test_import_without_a_tokenizer_warns_and_takes_one_given(tmp_path, prepared):
+    _, data = prepared
+    bare = _write_llm360_bin_shards(tmp_path / "bare", _llm360_tensors())
+    said = []
+    ckpt = import_hf(bare, tmp_path / "ckpt", log=said.append)
+    assert any("has no tokenizer.json" in m and "--tokenizer PATH" in m for m in said)
+    with pytest.raises(CheckpointError, match=r"no tokenizer\.json .*--tokenizer PATH"):
+        load_checkpoint(ckpt)
+    said.clear()
+    ckpt = import_hf(bare, tmp_path / "with", tokenizer=data.tokenizer.path, log=said.append)
+    assert not said or not any("warning" in m for m in said)
+    assert load_checkpoint(ckpt)[1].sha256 == data.tokenizer.sha256
+    with pytest.raises(InteropError, match="--tokenizer .*no such file"):
+        import_hf(bare, tmp_path / "x", tokenizer=tmp_path / "none.json")
+
+
+def test_import_pointed_at_the_wrong_thing_says_what_it_is(llm360_dir, tmp_path):
+    import shutil
+
+    ckpt = import_hf(llm360_dir, tmp_path / "ckpt")
+    branches = tmp_path / "branches"
+    for name in ("CrystalCoder_phase1_checkpoint_000003", "CrystalCoder_phase2_checkpoint_000006"):
+        shutil.copytree(llm360_dir, branches / name)
+    (branches / "notes").mkdir()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for source, message in (
+        (tmp_path / "nowhere", "nowhere: does not exist"),
+        (llm360_dir / "config.json", rf"a file; pass the folder that holds config\.json .*\({llm360_dir}\)"),
+        (ckpt, "already a crystal-lm checkpoint"),
+        (run, "a crystal-lm run folder"),
+        (
+            branches,
+            r"holds 2 LLM360-layout checkpoint folder\(s\): CrystalCoder_phase1_checkpoint_000003, "
+            r"CrystalCoder_phase2_checkpoint_000006; import each one, e\.g\. `crystal import .*--out OUT`",
+        ),
+    ):
+        with pytest.raises(InteropError, match=message):
+            import_hf(source, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -81,6 +81,11 @@ def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
     model = build_model(*checkpoint_configs(directory), init=False)
     load_model_weights(directory, model)
     model.eval()
+    if not (directory / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{directory}: no tokenizer.json (imported from a folder without one?); import it again with "
+            "`crystal import HF_DIR --out OUT --tokenizer PATH`"
+        )
     return model, Tokenizer(directory / "tokenizer.json")
 
 

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,165 @@ def _checkpoint_config(model: ModelConfig, mup: MupConfig, source: str) -> dict:
     }
 
 
+# LLM360's branch names (crystal-spec §4): `CrystalCoder_phase{N}_checkpoint_{step:06d}`, the step counted from
+# 0 in each phase; a crystal-lm release names its branches the same way (`<recipe>_phase{N}_...`).
+BRANCH_RE = re.compile(r"^(?:(?P<model>.+)_)?phase(?P<phase>\d+)_checkpoint_(?P<step>\d+)$")
+# Crystal's own run (crystal-spec §4): every stage 2112 × 2048 tokens a step; stage 2 started from stage 1's
+# last step (79,721), stage 3 from stage 2's (214,387). Tokens seen at (phase, step) follow from these alone.
+CRYSTAL_TOKENS_PER_STEP = 2112 * 2048
+CRYSTAL_STAGE_STEPS = (79_721, 214_387, 27_728)
+CRYSTAL_7B_SHAPE = {"d_model": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32_032}
+
+
+def crystal_position(phase: int, step: int) -> tuple[int, int] | None:
+    """(global step, tokens seen) of Crystal's own checkpoint at `step` of `phase`, or None outside its run."""
+    if not 1 <= phase <= len(CRYSTAL_STAGE_STEPS) or step > CRYSTAL_STAGE_STEPS[phase - 1]:
+        return None
+    global_step = sum(CRYSTAL_STAGE_STEPS[: phase - 1]) + step
+    return global_step, global_step * CRYSTAL_TOKENS_PER_STEP
+
+
+def import_position(
+    hf_dir: Path,
+    model_cfg: ModelConfig,
+    phase: int | None = None,
+    step: int | None = None,
+    tokens: int | None = None,
+) -> tuple[TrainState, dict]:
+    """Where in its training an imported checkpoint stands, and where that came from (for the record).
+
+    In order: the values given; a crystal-lm release's `crystal_state/state.json` (exact); LLM360's branch
+    name (phase and step). Tokens seen only when given, recorded, or derivable: a `CrystalCoder_` branch of
+    Crystal's 7B shape is a checkpoint of Crystal's run, whose batch and stage lengths the spec gives.
+    Unknown values are None in the record (the state holds 0)."""
+    name = hf_dir.resolve().name
+    state_path = hf_dir / "crystal_state" / "state.json"
+    if phase is None and step is None and state_path.is_file():
+        state = TrainState(**read_json(state_path))
+        if tokens is not None:
+            state.tokens_seen = tokens
+        return state, {
+            "phase": state.stage_index + 1,
+            "step": state.step,
+            "tokens": state.tokens_seen,
+            "from": "from crystal_state/state.json" + ("; --tokens given" if tokens is not None else ""),
+        }
+    given = [f"--{k}" for k, v in (("phase", phase), ("step", step), ("tokens", tokens)) if v is not None]
+    sources = [f"{', '.join(given)} given"] if given else []
+    m = BRANCH_RE.match(name)
+    if m:
+        named = [k for k, v in (("phase", phase), ("step", step)) if v is None]
+        phase = int(m["phase"]) if phase is None else phase
+        step = int(m["step"]) if step is None else step
+        if named:
+            sources.append(f"{' and '.join(named)} from the folder name {name}")
+    if (phase is None) != (step is None):
+        raise InteropError(f"{hf_dir}: give --phase and --step together (the folder name gives neither)")
+    if phase is not None and (phase < 1 or step < 0):
+        raise InteropError(f"phase {phase}, step {step}: phases count from 1, steps from 0")
+    global_step = step if phase == 1 else None
+    shape = {k: getattr(model_cfg, k) for k in CRYSTAL_7B_SHAPE}
+    crystal = m is not None and m["model"] == "CrystalCoder" and shape == CRYSTAL_7B_SHAPE
+    derived = crystal_position(phase, step) if crystal and phase is not None else None
+    if derived is not None:
+        global_step = derived[0]
+        if tokens is None:
+            tokens = derived[1]
+            sources.append(
+                "tokens from Crystal's 2112 × 2048-token steps and stage lengths (crystal-spec §4)"
+            )
+    state = TrainState(
+        stage_index=(phase or 1) - 1, step=step or 0, global_step=global_step or 0, tokens_seen=tokens or 0
+    )
+    record = {"phase": phase, "step": step, "tokens": tokens, "from": "; ".join(sources) or None}
+    return state, record
+
+
+def looks_like_hf_folder(folder: Path) -> bool:
+    """Whether a folder holds an LLM360-layout model: a config.json that is not a crystal-lm checkpoint's."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") != "crystal-lm" and "n_embd" in cfg
+
+
+def check_import_source(hf_dir: Path) -> None:
+    """Say what `hf_dir` is when it is not an LLM360-layout folder (rather than a missing key or file)."""
+    if not hf_dir.exists():
+        raise InteropError(f"{hf_dir}: does not exist")
+    if hf_dir.is_file():
+        raise InteropError(
+            f"{hf_dir}: a file; pass the folder that holds config.json and the weights ({hf_dir.parent})"
+        )
+    config = hf_dir / "config.json"
+    if config.is_file():
+        cfg = read_json(config)
+        if isinstance(cfg, dict) and cfg.get("format") == "crystal-lm":
+            raise InteropError(
+                f"{hf_dir}: already a crystal-lm checkpoint; use it as it is (generate, eval, train "
+                "--init-from), or `crystal export` it to LLM360's layout"
+            )
+        return
+    if (hf_dir / "checkpoints").is_dir() or (hf_dir / "recipe.json").is_file():
+        raise InteropError(
+            f"{hf_dir}: a crystal-lm run folder; its checkpoints (under checkpoints/) are used as they are"
+        )
+    inside = sorted(p.name for p in hf_dir.iterdir() if p.is_dir() and looks_like_hf_folder(p))
+    if inside:
+        shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
+        raise InteropError(
+            f"{hf_dir}: no config.json here, but it holds {len(inside)} LLM360-layout checkpoint folder(s): "
+            f"{shown}; import each one, e.g. `crystal import {hf_dir / inside[0]} --out OUT`"
+        )
+    raise InteropError(f"{hf_dir}: no config.json (not an LLM360 / Hugging Face model folder)")
+
+
+def import_hf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    *,
+    phase: int | None = None,
+    step: int | None = None,
+    tokens: int | None = None,
+    tokenizer: str | Path | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> Path:
+    """An LLM360-layout folder → a crystal-lm checkpoint folder (tensors bit-exact, dtype kept), placed in
+    its training (phase, step, tokens: `import_position`). `tokenizer` replaces or supplies the folder's
+    tokenizer.json; `log` receives what was inferred and warnings."""
+    hf_dir = Path(hf_dir)
+    check_import_source(hf_dir)
+    _check_target(Path(out_dir), overwrite, (hf_dir,))
+    model_cfg, mup, tensors = read_hf_checkpoint(hf_dir)
+    tok_path = Path(tokenizer) if tokenizer is not None else hf_dir / "tokenizer.json"
+    if tokenizer is not None and not tok_path.is_file():
+        raise InteropError(f"--tokenizer {tok_path}: no such file")
+    tok = Tokenizer(tok_path) if tok_path.is_file() else None
+    if tok is not None and tok.max_id >= model_cfg.vocab_size:
+        raise InteropError(
+            f"{hf_dir}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's largest "
+            f"id {tok.max_id} ({tok_path})"
+        )
+    if tok is None:
+        log(
+            f"warning: {hf_dir} has no tokenizer.json, so neither has the checkpoint: generate, infill, eval "
+            "and export will need one; import again with --tokenizer PATH (the model's tokenizer.json)"
+        )
+    state, position = import_position(hf_dir, model_cfg, phase, step, tokens)
+    if position["phase"] is None:
+        log("position in training unknown (give --phase N --step S [--tokens T]); recorded as unknown")
+    else:
+        known = f"phase {position['phase']}, step {position['step']:,}" + (
+            f", {position['tokens']:,} tokens" if position["tokens"] is not None else ", tokens unknown"
+        )
+        log(f"position: {known} ({position['from']})")
+    config = _checkpoint_config(model_cfg, mup, f"import:{hf_dir.resolve().name}")
+    config["imported"] = {"source": str(hf_dir.resolve()), **position}
+    return save_checkpoint(Path(out_dir), tensors, None, state, config, tok_path if tok else None)
+
+
 def refuse_source_as_target(
     out_dir: Path, sources: list[Path], what: str = "the source", inside_ok: bool = False
 ) -> None:
@@ -287,28 +448,6 @@ def _check_target(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] = ()
         raise InteropError(f"{out_dir}: exists and is a file; --out needs a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InteropError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-
-
-def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """An LLM360-layout folder → a crystal-lm checkpoint folder (tensors bit-exact, dtype kept)."""
-    hf_dir = Path(hf_dir)
-    _check_target(Path(out_dir), overwrite, (hf_dir,))
-    model_cfg, mup, tensors = read_hf_checkpoint(hf_dir)
-    tok_path = hf_dir / "tokenizer.json"
-    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
-    if tokenizer is not None and tokenizer.max_id >= model_cfg.vocab_size:
-        raise InteropError(
-            f"{hf_dir}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's largest "
-            f"id {tokenizer.max_id}"
-        )
-    return save_checkpoint(
-        Path(out_dir),
-        tensors,
-        None,
-        TrainState(),
-        _checkpoint_config(model_cfg, mup, f"import:{hf_dir.name}"),
-        tok_path if tokenizer else None,
-    )
 
 
 def fold_mup(tensors: dict[str, torch.Tensor], model: ModelConfig, mup: MupConfig):
