@@ -515,7 +515,7 @@ def test_import_without_a_tokenizer_warns_and_takes_one_given(tmp_path, prepared
     ckpt = import_hf(bare, tmp_path / "with", tokenizer=data.tokenizer.path, log=said.append)
     assert not said or not any("warning" in m for m in said)
     assert load_checkpoint(ckpt)[1].sha256 == data.tokenizer.sha256
-    with pytest.raises(InteropError, match="--tokenizer .*no such file"):
+    with pytest.raises(InteropError, match=r"--tokenizer .*no such file"):
         import_hf(bare, tmp_path / "x", tokenizer=tmp_path / "none.json")
 
 
