@@ -149,3 +149,38 @@ def test_data_tasks_refuse_a_checkpoint_that_does_not_fit_the_recipe(trained_run
     assert read_jsonl(store) == []  # refused before the first checkpoint was scored
     sweep([_resaved(ckpt, tmp_path / "same")], ["val_loss"], store, recipe=recipe, log=lambda m: None)
     assert len(read_jsonl(store)) == 1
+
+
+def test_memorization_of_an_imported_checkpoint_says_why_there_is_no_score(
+    trained_run, recipe_dict, write_recipe, tmp_path, capsys
+):
+    """An imported checkpoint has no position in the recipe's data order: the record and the output say so
+    (they held score null, n 0 and printed a blank)."""
+    from crystal_lm.cli import main
+    from crystal_lm.interop.llm360 import export_hf, import_hf
+
+    _, run_dir, _ = trained_run
+    hf = export_hf(
+        run_dir / "checkpoints" / "phase2_checkpoint_000006",
+        tmp_path / "CrystalCoder_phase2_checkpoint_000006",
+    )
+    ckpt = import_hf(hf, tmp_path / "imported")
+    store = tmp_path / "r.jsonl"
+    args = [
+        "eval",
+        str(ckpt),
+        "--tasks",
+        "memorization",
+        "--store",
+        str(store),
+        "--recipe",
+        str(write_recipe(recipe_dict)),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    (record,) = read_jsonl(store)
+    reason = record["metrics"]["reason"]
+    assert record["metrics"]["score"] is None and record["metrics"]["n"] == 0
+    assert "imported checkpoint (phase 2, step 6 of its own training)" in reason and "data order" in reason
+    assert (record["stage_index"], record["step"], record["tokens"]) == (1, 6, None)
+    assert reason in out and "tokens unknown" in out

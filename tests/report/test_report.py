@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from crystal_lm.report.report import write_report
 from crystal_lm.train.metrics import read_jsonl
 
@@ -83,3 +85,37 @@ def test_a_table_column_and_the_model_card_hold_one_setting_and_say_which(traine
         f"| arc_easy | first 2 items, 0-shot | {name} | {headline('arc_easy', final['metrics']):.3f} |"
         in card
     )
+
+
+def test_a_store_of_imported_branches_is_reported_in_training_order(trained_run, tmp_path):
+    """A folder holding only eval/results.jsonl (a sweep over imported LLM360 branches) gets a report: the
+    benchmarks across checkpoints, ordered by (phase, step) from the branch names (tokens unknown), not by
+    folder name; it was refused ('no metrics.jsonl records')."""
+    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.interop.llm360 import export_hf, import_hf
+
+    recipe, run_dir, _ = trained_run
+    folder = tmp_path / "crystal-branches"
+    ckpts = []
+    for out, name in (  # output names in the reverse of time order
+        ("c", "phase1_checkpoint_000003"),
+        ("b", "phase2_checkpoint_000006"),
+        ("a", "phase3_checkpoint_000004"),
+    ):
+        hf = export_hf(run_dir / "checkpoints" / name, tmp_path / "hf" / f"CrystalCoder_{name}")
+        ckpts.append(import_hf(hf, folder / "imported" / out))
+    store = folder / "eval" / "results.jsonl"
+    sweep(ckpts, ["val_loss", "humaneval"], store, limit=1, recipe=recipe, log=lambda m: None)
+    text = write_report(folder).read_text()
+    assert "no training logs here" in text and "train_loss.png" not in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "humaneval" not in line]
+    assert [line.split(" | ")[:4] for line in table[:3]] == [
+        ["| c", "1", "3", "–"],
+        ["| b", "2", "6", "–"],
+        ["| a", "3", "4", "–"],
+    ]
+    assert "![benchmarks against tokens seen](benchmarks.png)" in text
+    assert (folder / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Validation loss" in text and text.index("| c |") < text.index("| a |")
+    with pytest.raises(FileNotFoundError, match=r"nor a sweep store \(no eval/results\.jsonl"):
+        write_report(tmp_path / "hf")

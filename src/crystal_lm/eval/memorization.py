@@ -82,8 +82,15 @@ def memorization(
         usable = [w.tokens for w in windows if w.valid >= prompt + continuation]
         heldout += usable[: max(1, per_stage // len(data.val))]
     control = _summary(_match(model, heldout, prompt, continuation))
+    reason = {}
+    if not trained:  # say why the score is empty rather than leave a bare null
+        reason["reason"] = (
+            f"no probe sample lies before this checkpoint (stage {stage_index + 1}, step {step}) in the "
+            "data order: nothing known to be trained on yet"
+        )
     return {
         **_summary(trained),
+        **reason,
         "heldout_score": control["score"],
         "heldout_exact": control["exact"],
         "heldout_n": control["n"],

@@ -74,6 +74,28 @@ def check_fits_recipe(ckpt: Path, recipe, tokenizer, tasks: list[str]) -> None:
         )
 
 
+def _imported(ckpt: Path) -> dict | None:
+    """The record `crystal import` left in a checkpoint's config (source, phase, step, tokens), if any."""
+    return json.loads((ckpt / "config.json").read_text()).get("imported")
+
+
+def _no_position(imported: dict | None, state, recipe) -> str | None:
+    """Why memorization cannot be measured for an imported checkpoint, or None. Its samples are those the
+    recipe's data order placed before the checkpoint's position, which only a checkpoint trained with this
+    recipe has (an import of a crystal-lm release of it carries the recipe's fingerprint)."""
+    if imported is None or state.recipe_fingerprint == recipe.fingerprint():
+        return None
+    where = (
+        f"phase {imported['phase']}, step {imported['step']:,} of its own training"
+        if imported.get("phase") is not None
+        else "no known position"
+    )
+    return (
+        f"imported checkpoint ({where}): it has no position in this recipe's data order, so no sample is "
+        "known to have been trained on; memorization needs a checkpoint trained with the recipe"
+    )
+
+
 def _weights_hash(ckpt: Path) -> str:
     verify_checkpoint(ckpt)
     return json.loads((ckpt / "checksums.json").read_text())["model.safetensors"][:16]
@@ -172,6 +194,15 @@ def sweep(
         for ckpt in checkpoints:
             weights = _weights_hash(ckpt)
             state = load_state(ckpt)
+            imported = _imported(ckpt)
+            position = {"stage_index": state.stage_index, "step": state.step, "tokens": state.tokens_seen}
+            if imported is not None:  # what the import did not know stays unknown (None), not 0
+                phase = imported.get("phase")
+                position = {
+                    "stage_index": None if phase is None else phase - 1,
+                    "step": imported.get("step"),
+                    "tokens": imported.get("tokens"),
+                }
             todo = {}
             for task in tasks:
                 shots = CRYSTAL_SHOTS.get(task, 0)
@@ -200,7 +231,7 @@ def sweep(
                 metrics: dict[str, Any],
                 ckpt: Path = ckpt,
                 weights: str = weights,
-                state=state,
+                position=position,
                 todo=todo,
             ) -> None:
                 key, shots = todo[task]
@@ -208,9 +239,7 @@ def sweep(
                     "key": key,
                     "checkpoint": ckpt.name,
                     "weights": weights,
-                    "stage_index": state.stage_index,
-                    "step": state.step,
-                    "tokens": state.tokens_seen,
+                    **position,
                     "task": task,
                     "shots": shots,
                     "seed": seed,
@@ -238,8 +267,12 @@ def sweep(
                 elif task == "memorization":
                     from crystal_lm.eval.memorization import memorization
 
-                    model = model_and_tokenizer()[0]
-                    store_result(task, memorization(model, recipe, data, state.stage_index, state.step))
+                    reason = _no_position(imported, state, recipe)
+                    if reason:
+                        store_result(task, {"score": None, "n": 0, "reason": reason})
+                    else:
+                        model = model_and_tokenizer()[0]
+                        store_result(task, memorization(model, recipe, data, state.stage_index, state.step))
                 elif task in CODE_TASKS:
                     store_result(task, _code_task(model_and_tokenizer(), task, code_settings, limit, seed))
                 else:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -190,13 +192,64 @@ def benchmark_table(results: list[dict]) -> tuple[list[str], list[dict]]:
     setting (`select_series`); a result evaluated again in that setting: the latest record counts."""
     rows: dict[str, dict] = {}
     for r in select_series(results)[0]:
-        row = rows.setdefault(
-            r["weights"], {"checkpoint": r["checkpoint"], "tokens": r["tokens"], "stage": r["stage_index"]}
-        )
+        row = rows.setdefault(r["weights"], _position(r))
         row[r["task"]] = headline(r["task"], r["metrics"])
-    tasks = sorted({k for row in rows.values() for k in row} - {"checkpoint", "tokens", "stage"})
+    tasks = sorted({k for row in rows.values() for k in row} - {"checkpoint", "tokens", "stage", "step"})
     tasks.sort(key=lambda t: (t == "memorization", t in CODE_TASKS, t))
-    return tasks, sorted(rows.values(), key=lambda row: row["tokens"])
+    return tasks, sorted(rows.values(), key=_order(list(rows.values())))
+
+
+def _position(r: dict) -> dict:
+    """A store record's checkpoint and place in training, as a table row holds them."""
+    return {
+        "checkpoint": r["checkpoint"],
+        "tokens": r["tokens"],
+        "stage": r["stage_index"],
+        "step": r.get("step"),
+    }
+
+
+def _order(rows: list[dict]):
+    """Time order of checkpoints: tokens seen when every one is known; else (stage, step), as imported
+    checkpoints often know only those (LLM360's branch names), unknown positions last."""
+    if all(r.get("tokens") is not None for r in rows):
+        return lambda r: (r["tokens"], r.get("stage") or 0, r.get("step") or 0)
+
+    def key(r: dict) -> tuple:
+        stage, step = r.get("stage"), r.get("step")
+        return (stage is None, stage or 0, step or 0, r.get("tokens") or 0, r["checkpoint"])
+
+    return key
+
+
+def checkpoint_axis(rows: list[dict], bounds) -> tuple[list[float], list, Callable[[Any], None]]:
+    """Where each row (in `benchmark_table`'s order) goes on the x axis, the stage spans there, and how to
+    label the axis: tokens seen when every row knows them, else the checkpoints in order, named by
+    (stage, step), with spans from the rows' own stages."""
+    if all(r.get("tokens") is not None for r in rows):
+        if not bounds:  # a store without training logs: spans from the records
+            spans: dict[int, list[float]] = {}
+            for r in rows:
+                if r.get("stage") is not None:
+                    lo, hi = spans.setdefault(r["stage"], [r["tokens"], r["tokens"]])
+                    spans[r["stage"]] = [min(lo, r["tokens"]), max(hi, r["tokens"])]
+            bounds = [(f"stage {i + 1}", lo, hi) for i, (lo, hi) in sorted(spans.items())]
+        return [r["tokens"] for r in rows], bounds, _tokens_axis
+    xs = list(range(len(rows)))
+    spans = {}
+    for x, r in zip(xs, rows, strict=True):
+        if r.get("stage") is not None:
+            spans.setdefault(r["stage"], [x - 0.4, x + 0.4])[1] = x + 0.4
+    labels = [
+        f"p{r['stage'] + 1}:{r['step']:,}" if r.get("stage") is not None else r["checkpoint"][:16]
+        for r in rows
+    ]
+
+    def axis(ax) -> None:
+        ax.set_xticks(xs, labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel("checkpoint (phase:step; tokens seen unknown)")
+
+    return xs, [(f"stage {i + 1}", lo, hi) for i, (lo, hi) in sorted(spans.items())], axis
 
 
 def averages(tasks: list[str], rows: list[dict]) -> list[dict]:
@@ -209,6 +262,9 @@ def averages(tasks: list[str], rows: list[dict]) -> list[dict]:
         out.append(
             {
                 "tokens": row["tokens"],
+                "stage": row.get("stage"),
+                "step": row.get("step"),
+                "checkpoint": row["checkpoint"],
                 "language": sum(row[t] for t in language) / len(language) if language else None,
                 "code": sum(row[t] for t in code) / len(code) if code else None,
                 "language_tasks": language,
@@ -222,11 +278,12 @@ def plot_benchmarks(tasks: list[str], rows: list[dict], bounds, path: Path) -> N
     cols = min(3, len(tasks))
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.9 * nrows), squeeze=False)
+    xs, bounds, axis = checkpoint_axis(rows, bounds)
     for ax, task in zip(axes.flat, tasks, strict=False):
-        pts = [(row["tokens"], row[task]) for row in rows if row.get(task) is not None]
+        pts = [(x, row[task]) for x, row in zip(xs, rows, strict=True) if row.get(task) is not None]
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, color="C0")
         _mark_stages(ax, bounds)
-        _tokens_axis(ax)
+        axis(ax)
         ax.set_title(task, fontsize=9, pad=14)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks) :]:
@@ -236,15 +293,16 @@ def plot_benchmarks(tasks: list[str], rows: list[dict], bounds, path: Path) -> N
 
 def plot_language_vs_code(avg: list[dict], bounds, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs, bounds, axis = checkpoint_axis(avg, bounds)
     for i, key in enumerate(("language", "code")):
-        pts = [(a["tokens"], a[key]) for a in avg if a[key] is not None]
+        pts = [(x, a[key]) for x, a in zip(xs, avg, strict=True) if a[key] is not None]
         if pts:
             tasks = ", ".join(avg[0][f"{key}_tasks"])
             ax.plot(
                 *zip(*pts, strict=True), marker="o", markersize=3, color=f"C{i}", label=f"{key} ({tasks})"
             )
     _mark_stages(ax, bounds)
-    _tokens_axis(ax)
+    axis(ax)
     ax.set_ylabel("average score")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
@@ -253,16 +311,20 @@ def plot_language_vs_code(avg: list[dict], bounds, path: Path) -> None:
 
 def plot_memorization(records: list[dict], bounds, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    records = sorted(records, key=lambda r: r["tokens"])
+    rows = [_position(r) | {"metrics": r["metrics"]} for r in records]
+    rows.sort(key=_order(rows))
+    xs, bounds, axis = checkpoint_axis(rows, bounds)
     for key, label, color in (
         ("score", "trained samples", "C3"),
         ("heldout_score", "held-out (control)", "C7"),
     ):
-        pts = [(r["tokens"], r["metrics"][key]) for r in records if r["metrics"].get(key) is not None]
+        pts = [
+            (x, r["metrics"][key]) for x, r in zip(xs, rows, strict=True) if r["metrics"].get(key) is not None
+        ]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, color=color, label=label)
     _mark_stages(ax, bounds)
-    _tokens_axis(ax)
+    axis(ax)
     ax.set_ylabel("memorization score\n(32-token greedy match)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -281,10 +343,16 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
             "evaluates every checkpoint, then run `crystal report` again.",
         ]
     lines = ["## Benchmarks across checkpoints", ""]
-    lines += ["| checkpoint | tokens | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    lines += [
+        "| checkpoint | stage | step | tokens | " + " | ".join(tasks) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(tasks),
+    ]
     for row in rows:
         cells = " | ".join(_fmt(row.get(t)) for t in tasks)
-        lines.append(f"| {row['checkpoint']} | {row['tokens']:,} | {cells} |")
+        stage = "–" if row.get("stage") is None else row["stage"] + 1
+        step = "–" if row.get("step") is None else f"{row['step']:,}"
+        tokens = "–" if row["tokens"] is None else f"{row['tokens']:,}"
+        lines.append(f"| {row['checkpoint']} | {stage} | {step} | {tokens} | {cells} |")
     _, settings, omitted = select_series(results)
     lines += [
         "",
@@ -310,9 +378,12 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
             plot_language_vs_code(avg, bounds, run_dir / "language_vs_code.png")
             lines += ["![language average and code average](language_vs_code.png)", ""]
     memo = [r for r in select_series(results)[0] if r["task"] == "memorization"]
-    if memo:
-        plot_memorization(memo, bounds, run_dir / "memorization.png")
-        last = max(memo, key=lambda r: r["tokens"])["metrics"]
+    scored_memo = [r for r in memo if r["metrics"].get("score") is not None]
+    if scored_memo:
+        plot_memorization(scored_memo, bounds, run_dir / "memorization.png")
+        names = {r["checkpoint"] for r in scored_memo}
+        last = next(r for r in reversed(rows) if r["checkpoint"] in names)
+        last = next(r for r in scored_memo if r["checkpoint"] == last["checkpoint"])["metrics"]
         lines += [
             "![memorization across checkpoints](memorization.png)",
             "",
@@ -320,6 +391,9 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
             f"trained samples ({last['n']} probes), {_fmt(last['heldout_score'])} on held-out text.",
             "",
         ]
+    unscored = sorted({r["metrics"]["reason"] for r in memo if r["metrics"].get("reason")} - {None})
+    if unscored:
+        lines += ["Memorization not measured: " + "; ".join(unscored) + ".", ""]
     return lines
 
 
@@ -332,7 +406,12 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
     if not metrics:
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl records; is this a run folder?")
+        if read_jsonl(run_dir / "eval" / "results.jsonl"):
+            return write_store_report(run_dir)
+        raise FileNotFoundError(
+            f"{run_dir}: neither a run folder (no metrics.jsonl records) nor a sweep store (no "
+            "eval/results.jsonl records: `crystal eval CKPT... --store DIR/eval/results.jsonl` writes one)"
+        )
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": []}
     bounds = _stage_bounds(metrics)
@@ -383,6 +462,39 @@ def write_report(run_dir: str | Path) -> Path:
         "(every checkpoint).",
     ]
     path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_store_report(folder: Path) -> Path:
+    """`report.md` of a folder that holds only a sweep store (`eval/results.jsonl`), e.g. benchmarks of
+    imported LLM360 checkpoints: the benchmarks across checkpoints, without training plots."""
+    results = read_jsonl(folder / "eval" / "results.jsonl")
+    lines = [
+        f"# Evaluation report: {folder.resolve().name}",
+        "",
+        f"From the sweep store `eval/results.jsonl` alone ({len(results)} records): no training logs here, so "
+        "no training or validation-loss plots.",
+        "",
+        *analysis_section(folder, []),
+    ]
+    val = [r for r in results if r["task"] == "val_loss"]
+    if val:
+        order = _order([_position(r) for r in val])
+        val.sort(key=lambda r: order(_position(r)))
+        keys = sorted({k for r in val for k in r["metrics"]}, key=lambda k: (k not in TOP_DOMAINS, k))
+        lines += [
+            "## Validation loss",
+            "",
+            "| checkpoint | " + " | ".join(keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
+        lines += [
+            f"| {r['checkpoint']} | " + " | ".join(_fmt(r["metrics"].get(k)) for k in keys) + " |"
+            for r in val
+        ]
+        lines.append("")
+    path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
