@@ -391,9 +391,10 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
             f"trained samples ({last['n']} probes), {_fmt(last['heldout_score'])} on held-out text.",
             "",
         ]
-    unscored = sorted({r["metrics"]["reason"] for r in memo if r["metrics"].get("reason")} - {None})
+    unscored = [r for r in memo if r["metrics"].get("score") is None and r["metrics"].get("reason")]
     if unscored:
-        lines += ["Memorization not measured: " + "; ".join(unscored) + ".", ""]
+        lines += ["Memorization not measured:", ""]
+        lines += [f"- {r['checkpoint']}: {r['metrics']['reason']}" for r in unscored] + [""]
     return lines
 
 
