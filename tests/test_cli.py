@@ -40,6 +40,13 @@ def test_info_prints_the_7b_parameter_count():
     assert [s["name"] for s in info["stages"]] == ["stage1", "stage2", "stage3"]
 
 
+def test_info_says_when_a_stage_budget_is_rounded_to_whole_steps(recipe_dict, write_recipe, crystal_here):
+    recipe_dict["stages"][0]["tokens"] = 500  # 4 x 64 = 256 tokens a step: 1 step of 256
+    out = crystal_here("info", str(write_recipe(recipe_dict)))
+    assert "stage1: 1 step, 256 tokens (recipe: 500, in whole steps)" in out.stdout
+    assert "stage2: 6 steps, 1,536 tokens, FIM" in out.stdout  # a multiple of a step: nothing to say
+
+
 def test_bad_recipe_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(

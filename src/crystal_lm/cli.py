@@ -104,6 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "name": s.name,
                 "steps": recipe.stage_steps(s),
                 "tokens": recipe.stage_steps(s) * recipe.tokens_per_step,
+                "tokens_in_recipe": s.tokens,
                 "fim_rate": s.fim.rate,
                 "mixture": s.mixture,
             }
@@ -126,8 +127,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"  batch {recipe.train.batch_size} × {recipe.data.seq_len} = {recipe.tokens_per_step:,} tokens/step"
     )
     for s in info["stages"]:
+        # A stage trains whole steps: say so when that is not the budget the recipe gives.
+        asked = (
+            ""
+            if s["tokens"] == s["tokens_in_recipe"]
+            else f" (recipe: {s['tokens_in_recipe']:,}, in whole steps)"
+        )
         print(
-            f"  {s['name']}: {s['steps']:,} steps, {s['tokens']:,} tokens, FIM {s['fim_rate']}, mixture "
+            f"  {s['name']}: {s['steps']:,} step{'s' if s['steps'] != 1 else ''}, {s['tokens']:,} tokens{asked}, FIM {s['fim_rate']}, mixture "
             f"{s['mixture']}"
         )
     return 0

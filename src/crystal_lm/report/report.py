@@ -372,7 +372,7 @@ def analysis_section(run_dir: Path, bounds) -> list[str]:
     scored = [t for t in tasks if t != "memorization"]
     if scored:
         plot_benchmarks(scored, rows, bounds, run_dir / "benchmarks.png")
-        lines += ["![benchmarks against tokens seen](benchmarks.png)", ""]
+        lines += ["![benchmarks across checkpoints](benchmarks.png)", ""]
         avg = averages(tasks, rows)
         if any(a["language"] is not None or a["code"] is not None for a in avg):
             plot_language_vs_code(avg, bounds, run_dir / "language_vs_code.png")
