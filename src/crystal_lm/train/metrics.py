@@ -104,10 +104,12 @@ class Progress:
         self,
         total_steps: int,
         done_steps: int,
-        stream: TextIO = sys.stderr,
+        stream: TextIO | None = None,
         every_s: float = 10.0,
         quiet: bool = False,
     ):
+        # sys.stderr as it is now, not as it was at import (a default argument would keep a replaced one)
+        stream = stream or sys.stderr
         if quiet:  # processes other than rank 0 print nothing
             stream = open(os.devnull, "w")
         self.total, self.done = total_steps, done_steps
@@ -144,9 +146,11 @@ class Progress:
         self.stream.flush()
 
 
-def count_progress(label: str, stream: TextIO = sys.stderr, every_s: float = 10.0):
-    """A `progress(done, total)` callback printing items done, rate and ETA at most every `every_s`."""
+def count_progress(label: str, stream: TextIO | None = None, every_s: float = 10.0):
+    """A `progress(done, total)` callback printing items done, rate and ETA at most every `every_s` (to
+    sys.stderr as it is when called)."""
     start, last = time.time(), [0.0]
+    stream = stream or sys.stderr
 
     def progress(done: int, total: int) -> None:
         now = time.time()
