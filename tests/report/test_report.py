@@ -114,7 +114,7 @@ def test_a_store_of_imported_branches_is_reported_in_training_order(trained_run,
         ["| b", "2", "6", "–"],
         ["| a", "3", "4", "–"],
     ]
-    assert "![benchmarks against tokens seen](benchmarks.png)" in text
+    assert "![benchmarks across checkpoints](benchmarks.png)" in text
     assert (folder / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Validation loss" in text and text.index("| c |") < text.index("| a |")
     with pytest.raises(FileNotFoundError, match=r"nor a sweep store \(no eval/results\.jsonl"):

@@ -192,8 +192,6 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
     """Record the recipe a run folder belongs to; refuse to continue it with another recipe, naming the keys
     that differ. Keys that change nothing computed (`RUN_NEUTRAL_KEYS`: description, retention, logging) may
     change; the record then stays the run's first recipe. A record with no training yet is replaced."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--out {run_dir}: a file, not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "recipe.json"
     if not record.is_file() and any(run_dir.iterdir()):  # checkpoints and logs would mix with what is there
