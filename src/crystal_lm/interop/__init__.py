@@ -1,1 +1,1 @@
-"""Interop: LLM360's Hugging Face layout (`llm360`) and transformers' Auto classes (`transformers`)."""
+"""Interop: LLM360's Hugging Face layout (`llm360`) and transformers' Auto classes (`hf_model`)."""
