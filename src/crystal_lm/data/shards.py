@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal_lm.files import sha256_file
+
 FORMAT_VERSION = 2
 
 
@@ -201,8 +203,7 @@ class ShardSet:
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
                 raise ShardError(f"{path}: missing or truncated (expected {shard['bytes']} bytes); {rebuild}")
             if verify:
-                with open(path, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                digest = sha256_file(path)
                 if digest != shard["sha256"]:
                     raise ShardError(
                         f"{path}: sha256 {digest[:16]}… does not match the index "

@@ -23,7 +23,6 @@ looks like a release.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from crystal_lm.config import Recipe, recipe_from_dict
+from crystal_lm.files import sha256_file
 from crystal_lm.train.checkpoint import list_checkpoints, load_state, verify_checkpoint
 
 MANIFEST = "MANIFEST"
@@ -47,11 +47,6 @@ class ReleaseError(RuntimeError):
 def branch_name(recipe_name: str, checkpoint: str) -> str:
     """LLM360's branch naming: `<name>_phase{N}_checkpoint_{step:06d}` (name made git-ref safe)."""
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', recipe_name)}_{checkpoint}"
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_manifest(root: Path) -> Path:

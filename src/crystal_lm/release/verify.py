@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from crystal_lm.config import RecipeError
+from crystal_lm.files import sha256_file
 from crystal_lm.release.bundle import (
     MANIFEST,
     ReleaseError,
     read_manifest,
     run_recipe,
-    sha256_file,
     shard_hashes,
 )
 

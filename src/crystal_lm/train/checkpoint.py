@@ -9,7 +9,6 @@ checksum are checked, and a damaged checkpoint is skipped for the previous good 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from crystal_lm.files import sha256_file
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^phase(\d+)_checkpoint_(\d{6,})$")
@@ -44,11 +45,6 @@ class TrainState:
 
 def checkpoint_name(stage_index: int, step: int) -> str:
     return f"phase{stage_index + 1}_checkpoint_{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(
@@ -75,7 +71,7 @@ def save_checkpoint(
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1) + "\n")
     with open(tmp / "COMPLETE", "w") as f:
         f.write("ok\n")
@@ -136,7 +132,7 @@ def verify_checkpoint(directory: Path) -> None:
         p = directory / name
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
 
 

@@ -3,19 +3,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from crystal_lm.config import ModelConfig, MupConfig, Recipe
+from crystal_lm.files import sha256_file
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _effective(cfg: ModelConfig | MupConfig) -> dict:
@@ -63,7 +58,7 @@ def recipe_mismatch(
             )
     tok = Path(source) / "tokenizer.json"
     if tok.is_file():
-        sha = file_sha256(tok)
+        sha = sha256_file(tok)
         if sha != tokenizer_sha256:
             problems.append(
                 f"its tokenizer ({sha[:16]}…) is not this recipe's data tokenizer ({tokenizer_sha256[:16]}…); "
@@ -91,4 +86,4 @@ def weights_sha256(source: Path) -> dict[str, str]:
         return {k: v for k, v in recorded.items() if k == "model.safetensors"}
     from crystal_lm.interop.llm360 import _weight_files
 
-    return {f.name: file_sha256(f) for f in _weight_files(source)}
+    return {f.name: sha256_file(f) for f in _weight_files(source)}
