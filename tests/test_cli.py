@@ -33,10 +33,10 @@ def crystal_here(capsys):
     return run
 
 
-def test_info_prints_the_7b_parameter_count():
-    out = crystal("info", str(REPO / "recipes" / "crystal-7b.yaml"))
+def test_info_prints_the_7b_parameter_count(crystal_here):
+    out = crystal("info", str(REPO / "recipes" / "crystal-7b.yaml"))  # the installed entry point
     assert out.returncode == 0 and "6,575,278,720 parameters" in out.stdout
-    info = json.loads(crystal("info", str(REPO / "recipes" / "tiny.yaml"), "--json").stdout)
+    info = json.loads(crystal_here("info", str(REPO / "recipes" / "tiny.yaml"), "--json").stdout)
     assert [s["name"] for s in info["stages"]] == ["stage1", "stage2", "stage3"]
 
 

@@ -33,7 +33,11 @@ def test_canonical_solutions_all_pass(name):
 
 @pytest.mark.parametrize("name", ["humaneval", "mbpp"])
 def test_wrong_completions_score_zero(name):
+    """Every task's tests reject a wrong program (all of HumanEval; every 4th of MBPP's 500, whose tests all
+    share one form: the canonical solutions above run all 500)."""
     tasks = load_benchmark(name)
+    if name == "mbpp":
+        tasks = tasks[::4]
     wrong = (
         "    assert False, 'deliberately wrong'\n" if name == "humaneval" else "def unrelated():\n    pass\n"
     )
