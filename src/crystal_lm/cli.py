@@ -36,6 +36,11 @@ from typing import Any
 from crystal_lm.config import Recipe, RecipeError, load_recipe, recipe_from_dict
 
 
+def _to_stderr(message: str) -> None:
+    """Where commands report progress and warnings (stdout holds their result)."""
+    print(message, file=sys.stderr)
+
+
 def _recipe(path: str, cache_dir: str | None) -> Recipe:
     recipe = load_recipe(path)
     if cache_dir:
@@ -289,7 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         recipe=recipe,
         code_settings=args.code_settings,
-        log=lambda m: print(m, file=sys.stderr),
+        log=_to_stderr,
     )
     if args.json:
         print(json.dumps(records, indent=1))
@@ -358,12 +363,12 @@ def cmd_release(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         license=args.license,
         overwrite=args.overwrite,
-        log=lambda m: print(m, file=sys.stderr),
+        log=_to_stderr,
     )
     if args.push:
         from crystal_lm.release.push import push_release
 
-        push_release(out, args.push, log=lambda m: print(m, file=sys.stderr))
+        push_release(out, args.push, log=_to_stderr)
     print(f"release: {out}")
     return 0
 
@@ -375,7 +380,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.release_dir,
         check_data=not args.skip_data,
         cache_dir=args.cache_dir,
-        log=lambda m: print(m, file=sys.stderr),
+        log=_to_stderr,
     )
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
@@ -392,7 +397,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         step=args.step,
         tokens=args.tokens,
         tokenizer=args.tokenizer,
-        log=lambda m: print(m, file=sys.stderr),
+        log=_to_stderr,
     )
     print(f"imported: {out}")
     return 0
