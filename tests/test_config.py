@@ -110,6 +110,10 @@ def test_continuing_a_stage_that_decayed_to_zero_is_refused(recipe_dict):
     assert "stages[1].lr.continue_previous: stage 'stage1' has already decayed to an LR of 0" in _error(d)
     d["stages"][0]["lr"]["end"] = 0.001  # stopping at a positive end, the next stage continues flat: allowed
     recipe_from_dict(d)
+    # 59 steps, warmup 10: the line's float arithmetic ends at 1.7e-18, not 0: the same LR-0 stage
+    d["stages"][0]["tokens"] = 59 * 4 * 64
+    d["stages"][0]["lr"] = {"warmup_steps": 10, "peak": 0.012}
+    assert "has already decayed to an LR of 0" in _error(d)
 
 
 def test_fim_for_a_source_the_stage_does_not_draw_is_refused(recipe_dict):

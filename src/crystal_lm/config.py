@@ -632,9 +632,14 @@ def _check_continued_schedules(recipe: Recipe) -> None:
     of 0 (its decay fitted within it, towards the default end 0), the whole stage would train at LR 0."""
     from crystal_lm.train.schedule import stage_schedules
 
-    for i, (stage, schedule) in enumerate(zip(recipe.stages, stage_schedules(recipe), strict=True)):
-        if stage.lr.continue_previous and schedule.peak <= 0:
-            prev = recipe.stages[i - 1]
+    schedules = stage_schedules(recipe)
+    for i, (stage, schedule) in enumerate(zip(recipe.stages, schedules, strict=True)):
+        if not stage.lr.continue_previous:
+            continue
+        prev, before = recipe.stages[i - 1], schedules[i - 1]
+        # Structurally, not by the value reached: the line's float arithmetic may stop at 1e-18, not 0.
+        decayed = recipe.stage_steps(prev) - before.warmup_steps >= before.decay_steps
+        if schedule.peak <= 0 or (decayed and before.end <= 0):
             raise RecipeError(
                 f"stages[{i}].lr.continue_previous: stage {prev.name!r} has already decayed to an LR of 0 by "
                 f"its end ({recipe.stage_steps(prev):,} steps), so this stage would train at LR 0. Give stage "

@@ -350,6 +350,11 @@ def test_init_from_is_kept_by_the_run_folder(trained_run, recipe_dict, prepared,
     train(recipe, tmp_path / "fresh", data=data, stop_after_steps=1)
     assert read_jsonl(tmp_path / "fresh" / "metrics.jsonl")[0]["loss"] != first
 
+    # A record written before the resolved path and weights hash were kept reads as well.
+    (run / "init_from.json").write_text(json.dumps({"init_from": str(start), "optimizer": True}))
+    train(recipe, run, data=data, stop_after_steps=1)
+    assert read_jsonl(run / "metrics.jsonl")[-1]["loss"] == first
+
     train(recipe, run, data=data, stop_after_steps=3)  # a checkpoint now exists
     with pytest.raises(RunDirError, match=r"began from .*phase1_checkpoint_000003.*--init-from .*phase2"):
         train(recipe, run, data=data, init_from=other)

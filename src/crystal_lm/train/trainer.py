@@ -233,6 +233,8 @@ def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: b
     --init-from for a run that already has checkpoints, which would be ignored, is refused."""
     record_path = run_dir / "init_from.json"
     recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if recorded is not None:  # records written before the resolved path was kept hold only the path as given
+        recorded.setdefault("resolved", str(Path(recorded["init_from"]).resolve()))
     if resuming:
         if init_from is not None and (
             recorded is None or Path(init_from).resolve() != Path(recorded["resolved"])
@@ -246,7 +248,12 @@ def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: b
     if init_from is None and recorded is not None:
         from crystal_lm.train.compat import weights_sha256
 
-        if weights_sha256(Path(recorded["resolved"])) != recorded["weights_sha256"]:
+        if not Path(recorded["resolved"]).is_dir():
+            raise RunDirError(
+                f"{run_dir} began from {recorded['resolved']} (recorded in {record_path}), which no longer "
+                "exists; give --init-from to start from another checkpoint, or use a new --out folder"
+            )
+        if recorded.get("weights_sha256", {}) not in ({}, weights_sha256(Path(recorded["resolved"]))):
             raise RunDirError(
                 f"{run_dir} began from {recorded['resolved']} (recorded in {record_path}), whose weights have "
                 "changed since; give --init-from explicitly to start from them as they are now"
