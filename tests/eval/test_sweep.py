@@ -184,3 +184,27 @@ def test_memorization_of_an_imported_checkpoint_says_why_there_is_no_score(
     assert "imported checkpoint (phase 2, step 6 of its own training)" in reason and "data order" in reason
     assert (record["stage_index"], record["step"], record["tokens"]) == (1, 6, None)
     assert reason in out and "tokens unknown" in out
+    # The run's own checkpoint has the same weights: it is measured, not handed the import's record.
+    args[1] = str(run_dir / "checkpoints" / "phase2_checkpoint_000006")
+    assert main(args) == 0
+    own = read_jsonl(store)[-1]
+    assert own["checkpoint"] == "phase2_checkpoint_000006" and own["metrics"]["score"] is not None
+
+
+def test_data_tasks_need_no_tokenizer_of_the_checkpoint(trained_run, recipe_dict, write_recipe, tmp_path):
+    """val_loss reads the recipe's token ids: an import without tokenizer.json was refused for it."""
+    import shutil
+
+    from crystal_lm.cli import main
+    from crystal_lm.interop.llm360 import export_hf, import_hf
+
+    _, run_dir, _ = trained_run
+    hf = export_hf(run_dir / "checkpoints" / "phase1_checkpoint_000003", tmp_path / "hf")
+    (hf / "tokenizer.json").unlink()
+    for extra in hf.glob("tokenizer*"):
+        extra.unlink() if extra.is_file() else shutil.rmtree(extra)
+    ckpt = import_hf(hf, tmp_path / "imported")
+    store = tmp_path / "r.jsonl"
+    recipe = str(write_recipe(recipe_dict))
+    assert main(["eval", str(ckpt), "--tasks", "val_loss", "--store", str(store), "--recipe", recipe]) == 0
+    assert read_jsonl(store)[0]["metrics"]["code"] > 0

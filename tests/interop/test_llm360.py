@@ -454,7 +454,7 @@ def test_out_that_is_holds_or_lies_in_the_source_is_refused_and_nothing_is_lost(
         (ckpt, tmp_path / "link", "is"),
         (run, run, "is"),
         (ckpt, run, "contains"),
-        (run, run / "hf", "lies inside"),
+        (run, ckpt / "hf", "lies inside"),
     ):
         with pytest.raises(InteropError, match=rf"--out {out} {where} the source"):
             export_hf(src, out, overwrite=True)
@@ -463,6 +463,7 @@ def test_out_that_is_holds_or_lies_in_the_source_is_refused_and_nothing_is_lost(
             import_hf(llm360_dir, out, overwrite=True)
     assert {p: p.read_bytes() for p in before} == before
     assert export_hf(ckpt, tmp_path / "hf", overwrite=True).is_dir()  # a folder beside it is fine
+    assert export_hf(run, run / "hf").is_dir()  # and inside the run, outside the checkpoint read
 
 
 def test_import_places_a_branch_in_its_training_from_its_name_or_the_options(llm360_dir, tmp_path):

@@ -75,18 +75,29 @@ def checkpoint_configs(directory: Path) -> tuple[ModelConfig, MupConfig]:
         ) from None
 
 
-def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
-    """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode + tokenizer."""
+def load_model(directory: str | Path) -> CrystalModel:
+    """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode. Tasks that read a
+    recipe's token ids (validation loss, memorization) need no tokenizer of the checkpoint's own."""
     directory = resolve_checkpoint(directory)
     model = build_model(*checkpoint_configs(directory), init=False)
     load_model_weights(directory, model)
-    model.eval()
+    return model.eval()
+
+
+def checkpoint_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer a (resolved) checkpoint folder holds, which generation and the benchmarks need."""
     if not (directory / "tokenizer.json").is_file():
         raise CheckpointError(
             f"{directory}: no tokenizer.json (imported from a folder without one?); import it again with "
             "`crystal import HF_DIR --out OUT --tokenizer PATH`"
         )
-    return model, Tokenizer(directory / "tokenizer.json")
+    return Tokenizer(directory / "tokenizer.json")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
+    """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode + tokenizer."""
+    directory = resolve_checkpoint(directory)
+    return load_model(directory), checkpoint_tokenizer(directory)
 
 
 @dataclass

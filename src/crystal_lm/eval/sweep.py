@@ -203,10 +203,16 @@ def sweep(
                     "step": imported.get("step"),
                     "tokens": imported.get("tokens"),
                 }
+            # An imported checkpoint of another run has no trained samples in this recipe's order: its
+            # memorization record says so, under a key of its own (the same weights trained in this run,
+            # measured, must not find that record as theirs).
+            no_position = _no_position(imported, state, recipe)
             todo = {}
             for task in tasks:
                 shots = CRYSTAL_SHOTS.get(task, 0)
                 settings = code_settings if task in CODE_TASKS else ""
+                if task == "memorization" and no_position:
+                    settings = "no-position"
                 data_hash = _data_hash(task, data_manifest, _task_settings(task, recipe))
                 key = record_key(weights, task, shots, seed, limit, data_hash, settings)
                 if key in done:
@@ -217,14 +223,22 @@ def sweep(
                 log(f"{ckpt.name}: all {len(tasks)} tasks already in {store.name}")
                 continue
             t0 = time.time()
-            loaded: list = []  # the checkpoint's model and tokenizer, read once for all its tasks
+            loaded: list = []  # the checkpoint's model, then its tokenizer: read once for all its tasks
+
+            def model_only(ckpt: Path = ckpt, loaded: list = loaded):
+                if not loaded:
+                    from crystal_lm.eval.generate import load_model
+
+                    loaded.append(load_model(ckpt))
+                return loaded[0]
 
             def model_and_tokenizer(ckpt: Path = ckpt, loaded: list = loaded) -> tuple:
-                if not loaded:
-                    from crystal_lm.eval.generate import load_checkpoint
+                if len(loaded) < 2:
+                    from crystal_lm.eval.generate import checkpoint_tokenizer
 
-                    loaded.append(load_checkpoint(ckpt))
-                return loaded[0]
+                    model_only()  # the model first, so that it is loaded[0]
+                    loaded.append(checkpoint_tokenizer(ckpt))
+                return loaded[0], loaded[1]
 
             def store_result(
                 task: str,
@@ -263,15 +277,14 @@ def sweep(
                 if task == "val_loss":
                     from crystal_lm.eval.validation import validation_loss
 
-                    store_result(task, validation_loss(model_and_tokenizer()[0], data.val, recipe))
+                    store_result(task, validation_loss(model_only(), data.val, recipe))
                 elif task == "memorization":
                     from crystal_lm.eval.memorization import memorization
 
-                    reason = _no_position(imported, state, recipe)
-                    if reason:
-                        store_result(task, {"score": None, "n": 0, "reason": reason})
+                    if no_position:
+                        store_result(task, {"score": None, "n": 0, "reason": no_position})
                     else:
-                        model = model_and_tokenizer()[0]
+                        model = model_only()
                         store_result(task, memorization(model, recipe, data, state.stage_index, state.step))
                 elif task in CODE_TASKS:
                     store_result(task, _code_task(model_and_tokenizer(), task, code_settings, limit, seed))

@@ -516,7 +516,9 @@ def export_hf(
 
     out_dir = Path(out_dir)
     ckpt = resolve_checkpoint(checkpoint_dir)  # a run folder means its newest checkpoint, as in generate
-    _check_target(out_dir, overwrite, (Path(checkpoint_dir), ckpt))
+    # Only the checkpoint is read: RUN/hf is a fine place for a run's export, RUN itself is not.
+    refuse_source_as_target(out_dir, [Path(checkpoint_dir)], inside_ok=True)
+    _check_target(out_dir, overwrite, (ckpt,))
     model_cfg, mup = checkpoint_configs(ckpt)
     tensors = load_tensors(ckpt)
     if dtype is not None:
