@@ -257,3 +257,22 @@ def test_release_into_the_run_folder_or_above_it_is_refused(trained_run, tmp_pat
         with pytest.raises(InteropError, match=rf"--out {out} {where} the run folder"):
             build_release(run_dir, out, overwrite=True, log=lambda m: None)
     assert list_checkpoints(run_dir / "checkpoints")
+
+
+def test_memorization_of_an_imported_release_checkpoint_of_the_same_recipe_is_measured(
+    release, recipe_dict, write_recipe, tmp_path
+):
+    """A release checkpoint knows its place in its recipe's data order. Its recorded fingerprint differs from
+    the recipe's whenever a config key was added since (or a key that changes nothing computed, here the
+    description): the release's recorded recipe decides, as on resume. It was refused as 'no position'."""
+    from crystal_lm.cli import main
+    from crystal_lm.interop.llm360 import import_hf
+    from crystal_lm.train.metrics import read_jsonl
+
+    ckpt = import_hf(release / "checkpoints" / "test-small_phase2_checkpoint_000006", tmp_path / "imported")
+    recipe_dict["description"] = "the same recipe, described anew"
+    store = tmp_path / "r.jsonl"
+    args = ["eval", str(ckpt), "--tasks", "memorization", "--store", str(store)]
+    assert main([*args, "--recipe", str(write_recipe(recipe_dict))]) == 0
+    (record,) = read_jsonl(store)
+    assert record["metrics"]["score"] is not None and record["metrics"]["n"] > 0

@@ -85,6 +85,10 @@ def _no_position(imported: dict | None, state, recipe) -> str | None:
     recipe has (an import of a crystal-lm release of it carries the recipe's fingerprint)."""
     if imported is None or state.recipe_fingerprint == recipe.fingerprint():
         return None
+    # A release of a run of this recipe, perhaps trained by another version (a key added since changes the
+    # fingerprint, not the recipe): the release's recorded recipe decides, as on resume.
+    if isinstance(imported.get("recipe"), dict) and not recipe.differences(imported["recipe"]):
+        return None
     where = (
         f"phase {imported['phase']}, step {imported['step']:,} of its own training"
         if imported.get("phase") is not None

@@ -298,12 +298,18 @@ def import_position(
         state = TrainState(**read_json(state_path))
         if tokens is not None:
             state.tokens_seen = tokens
-        return state, {
+        record = {
             "phase": state.stage_index + 1,
             "step": state.step,
             "tokens": state.tokens_seen,
             "from": "from crystal_state/state.json" + ("; --tokens given" if tokens is not None else ""),
         }
+        # The release's recipe (its top folder, or two up from checkpoints/NAME): what the position is in.
+        for release_recipe in (hf_dir / "recipe.json", hf_dir.parent.parent / "recipe.json"):
+            if release_recipe.is_file():
+                record["recipe"] = read_json(release_recipe).get("recipe")
+                break
+        return state, record
     given = [f"--{k}" for k, v in (("phase", phase), ("step", step), ("tokens", tokens)) if v is not None]
     sources = [f"{', '.join(given)} given"] if given else []
     m = BRANCH_RE.match(name)
