@@ -235,7 +235,8 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
             f"{r['epochs']:>8.3f} {r['fim_rate']:>5.2f}"
         )
     print(
-        "samples: windows drawn; tokens: real tokens trained on (padding left out); share: of the stage's "
+        "samples: windows drawn; tokens: real tokens trained on (padding left out; counted before FIM, whose "
+        "re-tokenized pieces shift a FIM'd sample's count slightly); share: of the stage's "
         "real tokens; epochs: passes over the source's windows (or its subset), >1 = repeated"
     )
     return 0
@@ -861,9 +862,16 @@ def main(argv: list[str] | None = None) -> int:
         package = (exc.name or "").split(".")[0]
         if args.verbose or package not in EXTRA_PACKAGES:
             raise
+        missing = (
+            f"package {package!r} is not installed"
+            if exc.name == package
+            else (
+                f"module {exc.name!r} is missing (another version of {package} than requirements-dev.lock's?)"
+            )
+        )
         print(
-            f"crystal: error: package {package!r} is not installed; `make dev` installs the benchmark, "
-            "transformers and logging packages into .venv (requirements-dev.lock, requirements-data.lock)",
+            f"crystal: error: {missing}; `make dev` installs the benchmark, transformers and logging packages "
+            "into .venv (requirements-dev.lock, requirements-data.lock)",
             file=sys.stderr,
         )
         return 2

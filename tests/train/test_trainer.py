@@ -345,8 +345,10 @@ def test_init_from_is_kept_by_the_run_folder(trained_run, recipe_dict, prepared,
     run = tmp_path / "run"
     train(recipe, run, data=data, init_from=start, stop_after_steps=1)  # stopped before a checkpoint
     first = read_jsonl(run / "metrics.jsonl")[0]["loss"]
+    record = (run / "init_from.json").read_text()
     train(recipe, run, data=data, stop_after_steps=1)  # the same command without the flag
     assert read_jsonl(run / "metrics.jsonl")[-1]["loss"] == first  # from the recorded start, not random
+    assert (run / "init_from.json").read_text() == record  # the path as first given is kept
     train(recipe, tmp_path / "fresh", data=data, stop_after_steps=1)
     assert read_jsonl(tmp_path / "fresh" / "metrics.jsonl")[0]["loss"] != first
 

@@ -211,7 +211,9 @@ class ReadStats:
         if value is _MISSING:
             miss["absent"] += 1
         elif len(miss["values"]) < _MAX_VALUES_SEEN:  # a small list: bounded work per record
-            shown = value if type(value) is str else json.dumps(value, default=str)[:80]
+            shown = (value if type(value) is str else json.dumps(value, default=str))[
+                :80
+            ]  # unit.json stays small
             if shown not in miss["values"]:
                 miss["values"].append(shown)
 

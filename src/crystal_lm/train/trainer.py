@@ -227,10 +227,13 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
         shutil.copyfile(recipe.source_file, run_dir / "recipe.yaml")
 
 
-def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: bool) -> str | Path | None:
+def _initial_checkpoint(
+    run_dir: Path, init_from: str | Path | None, resuming: bool
+) -> tuple[str | Path | None, bool]:
     """The checkpoint a new run starts from. The run folder records it (init_from.json): starting again after
     an interruption before the first checkpoint uses it again rather than a random initialisation, and an
-    --init-from for a run that already has checkpoints, which would be ignored, is refused."""
+    --init-from for a run that already has checkpoints, which would be ignored, is refused. Also returns
+    whether the start is the recorded one (its record, with the path as first given, then stays as it is)."""
     record_path = run_dir / "init_from.json"
     recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
     if recorded is not None:  # records written before the resolved path was kept hold only the path as given
@@ -244,7 +247,7 @@ def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: b
                 f"{run_dir} holds a run that began {began}; --init-from {init_from} only starts a new run. "
                 "Drop it to resume this one, or use a new --out folder."
             )
-        return None
+        return None, False
     if init_from is None and recorded is not None:
         from crystal_lm.train.compat import weights_sha256
 
@@ -259,8 +262,8 @@ def _initial_checkpoint(run_dir: Path, init_from: str | Path | None, resuming: b
                 "changed since; give --init-from explicitly to start from them as they are now"
             )
         log.info("starting from %s again, as recorded in %s", recorded["init_from"], record_path)
-        return recorded["resolved"]
-    return init_from
+        return recorded["resolved"], True
+    return init_from, False
 
 
 def load_initial_weights(
@@ -420,7 +423,7 @@ def train(
     resume = latest_checkpoint(ck_root)
     if resume is not None:
         refuse_changed_data(run_dir, resume, data)
-    init_from = _initial_checkpoint(run_dir, init_from, resuming=resume is not None)
+    init_from, recorded_start = _initial_checkpoint(run_dir, init_from, resuming=resume is not None)
     world.barrier()
     tokenizer_path = run_dir / "tokenizer.json"
     if world.main:
@@ -446,7 +449,7 @@ def train(
     elif init_from is not None:
         opt_state = load_initial_weights(init_from, model, recipe, data.tokenizer.sha256)
         init_optimizer = opt_state is not None
-        if world.main:
+        if world.main and not recorded_start:
             from crystal_lm.train.compat import weights_sha256
 
             record = {  # the path as given, where it led, and what was there
