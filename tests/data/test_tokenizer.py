@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
@@ -91,8 +93,44 @@ def test_missing_special_token_is_named(tmp_path):
     )
     path = tmp_path / "tokenizer.json"
     hf.save(str(path))
-    with pytest.raises(TokenizerError, match=r"fim_prefix"):
+    tok = Tokenizer(path)  # no FIM tokens: fine until FIM is asked for
+    with pytest.raises(TokenizerError, match=r"no <\|fim_prefix\|> or <fim_prefix> token; FIM"):
+        tok.require_fim()
+    with pytest.raises(TokenizerError, match=r"fim_pad"):
+        _ = tok.fim_pad_id
+    bare = HFTokenizer(models.BPE(vocab={"<unk>": 0, "</s>": 1, "a": 2}, merges=[], unk_token="<unk>"))
+    bare.save(str(path))
+    with pytest.raises(TokenizerError, match=r"has no <s> token"):
         Tokenizer(path)
+
+
+def test_a_recipe_without_fim_takes_a_tokenizer_without_fim_tokens(recipe_dict, tmp_path):
+    """A user's own tokenizer without FIM tokens was refused even for a recipe that FIMs nothing; a recipe that
+    does FIM is refused before any shard is built, naming the token."""
+    import json
+
+    from tokenizers import pre_tokenizers, trainers
+
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.data.prepare import prepare_data
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    stdlib = Path(json.__file__).parent.parent  # real Python and prose to learn merges from
+    hf.train_from_iterator((p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]), trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    recipe_dict["data"]["tokenizer"] = {"path": str(tmp_path / "tokenizer.json")}
+    for stage in recipe_dict["stages"]:
+        stage["fim"] = {"rate": 0.0}
+    data = prepare_data(recipe_from_dict(recipe_dict))
+    assert len(data.train["python"]) > 0
+    recipe_dict["stages"][1]["fim"] = {"rate": 0.9}
+    with pytest.raises(TokenizerError, match=r"fim_prefix.*FIM"):
+        prepare_data(recipe_from_dict(recipe_dict))
 
 
 def test_not_a_tokenizer_file(tmp_path):

@@ -198,6 +198,8 @@ def plan_data(recipe: Recipe) -> DataPlan:
     corpus = _embedded_corpus(recipe, cache)
     fingerprints = {n: source_fingerprint(recipe, n, corpus) for n in recipe.data.sources}
     tok = _tokenizer(recipe, cache, corpus, fingerprints)
+    if uses_fim(recipe):  # before any shard is built, not at the first FIM sample of training
+        tok.require_fim()
     vocab = recipe.model.vocab_size
     if tok.max_id >= vocab:
         raise RecipeError(
@@ -278,6 +280,17 @@ def build_source(recipe: Recipe, plan: SourcePlan, tok: Tokenizer, vocab: int) -
 
 def _open_splits(sp: SourcePlan, tok: Tokenizer) -> tuple[ShardSet, ShardSet]:
     return tuple(ShardSet(sp.root / s, expect_tokenizer=tok.sha256) for s in SPLITS)  # type: ignore[return-value]
+
+
+def uses_fim(recipe: Recipe) -> bool:
+    """Whether a recipe FIMs anything: a stage's rate on some source, or a source's document_fim."""
+    if any(src.document_fim is not None for src in recipe.data.sources.values()):
+        return True
+    return any(
+        st.fim.rate_for(name, recipe.data.sources[name].domain) > 0
+        for st in recipe.stages
+        for name in st.mixture
+    )
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:

@@ -69,22 +69,53 @@ class Tokenizer:
             raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({exc})") from None
         self.bos_id = self._id("<s>")
         self.eos_id = self._id("</s>")
-        self.fim_prefix_id = self._id("<|fim_prefix|>", "<fim_prefix>")
-        self.fim_middle_id = self._id("<|fim_middle|>", "<fim_middle>")
-        self.fim_suffix_id = self._id("<|fim_suffix|>", "<fim_suffix>")
-        self.fim_pad_id = self._id("<|fim_pad|>", "<fim_pad>")
+        # Only FIM needs these (a stage's fim, a source's document_fim, infilling): a recipe without FIM
+        # may use a tokenizer that lacks them, and is told so only if it asks for FIM.
+        self._fim_ids = {
+            part: self._find(f"<|fim_{part}|>", f"<fim_{part}>")
+            for part in ("prefix", "middle", "suffix", "pad")
+        }
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.fast = fast_encoder(self.hf) if fast else None
 
-    def _id(self, *names: str) -> int:
-        for name in names:
-            tid = self.hf.token_to_id(name)
-            if tid is not None:
-                return tid
-        raise TokenizerError(
-            f"{self.path}: has no {' or '.join(names)} token; Crystal's pipeline needs it "
-            "(add it as a special token)"
-        )
+    def _find(self, *names: str) -> int | None:
+        return next((tid for tid in map(self.hf.token_to_id, names) if tid is not None), None)
+
+    def _id(self, *names: str, needed_by: str = "Crystal's pipeline") -> int:
+        tid = self._find(*names)
+        if tid is None:
+            raise TokenizerError(
+                f"{self.path}: has no {' or '.join(names)} token; {needed_by} needs it (add it as a special token)"
+            )
+        return tid
+
+    def _fim_id(self, part: str) -> int:
+        if self._fim_ids[part] is None:
+            self._id(
+                f"<|fim_{part}|>", f"<fim_{part}>", needed_by="FIM (a stage's fim, document_fim, infilling)"
+            )
+        return self._fim_ids[part]
+
+    def require_fim(self) -> None:
+        """Raise, naming the token, unless all four FIM tokens are there."""
+        for part in self._fim_ids:
+            self._fim_id(part)
+
+    @property
+    def fim_prefix_id(self) -> int:
+        return self._fim_id("prefix")
+
+    @property
+    def fim_middle_id(self) -> int:
+        return self._fim_id("middle")
+
+    @property
+    def fim_suffix_id(self) -> int:
+        return self._fim_id("suffix")
+
+    @property
+    def fim_pad_id(self) -> int:
+        return self._fim_id("pad")
 
     @property
     def max_id(self) -> int:
