@@ -222,7 +222,7 @@ def sweep(
                 if key in done:
                     records.append(done[key])
                 else:
-                    todo[task] = (key, shots)
+                    todo[task] = (key, shots, data_hash)
             if not todo:
                 log(f"{ckpt.name}: all {len(tasks)} tasks already in {store.name}")
                 continue
@@ -252,7 +252,7 @@ def sweep(
                 position=position,
                 todo=todo,
             ) -> None:
-                key, shots = todo[task]
+                key, shots, data_hash = todo[task]
                 record = {
                     "key": key,
                     "checkpoint": ckpt.name,
@@ -262,7 +262,7 @@ def sweep(
                     "shots": shots,
                     "seed": seed,
                     "limit": limit,
-                    "data": _data_hash(task, data_manifest, _task_settings(task, recipe)),
+                    "data": data_hash,
                     "settings": code_settings if task in CODE_TASKS else None,
                     "metrics": metrics,
                 }
