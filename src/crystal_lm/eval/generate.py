@@ -78,7 +78,11 @@ def checkpoint_configs(directory: Path) -> tuple[ModelConfig, MupConfig]:
 def load_model(directory: str | Path) -> CrystalModel:
     """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode. Tasks that read a
     recipe's token ids (validation loss, memorization) need no tokenizer of the checkpoint's own."""
-    directory = resolve_checkpoint(directory)
+    return _model_of(resolve_checkpoint(directory))
+
+
+def _model_of(directory: Path) -> CrystalModel:
+    """The model of a resolved (already verified) checkpoint folder."""
     model = build_model(*checkpoint_configs(directory), init=False)
     load_model_weights(directory, model)
     return model.eval()
@@ -96,8 +100,8 @@ def checkpoint_tokenizer(directory: Path) -> Tokenizer:
 
 def load_checkpoint(directory: str | Path) -> tuple[CrystalModel, Tokenizer]:
     """A checkpoint folder (or a run folder: its newest checkpoint) → model in eval mode + tokenizer."""
-    directory = resolve_checkpoint(directory)
-    return load_model(directory), checkpoint_tokenizer(directory)
+    directory = resolve_checkpoint(directory)  # verified once (its checksums read the whole model)
+    return _model_of(directory), checkpoint_tokenizer(directory)
 
 
 @dataclass
