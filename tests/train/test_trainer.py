@@ -242,7 +242,7 @@ def test_pruning_survives_a_damaged_old_checkpoint_and_removes_by_rename(
 ):
     """A kill in the middle of removing a checkpoint used to leave a checkpoint-named folder without
     state.json, and every later prune failed on it. Removal now renames first; damaged ones are pruned too."""
-    from crystal_lm.train import trainer
+    from crystal_lm.train import retention
     from crystal_lm.train.checkpoint import clean_partial
 
     _, run_dir, _ = trained_run
@@ -261,15 +261,15 @@ def test_pruning_survives_a_damaged_old_checkpoint_and_removes_by_rename(
             raise KeyboardInterrupt  # killed while deleting
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.shutil, "rmtree", killed)
+    monkeypatch.setattr(retention.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
-        trainer.prune_checkpoints(root, recipe)
+        retention.prune_checkpoints(root, recipe)
     assert "phase1_checkpoint_000003" not in [p.name for p in list_checkpoints(root)]
-    monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(retention.shutil, "rmtree", real_rmtree)
     clean_partial(root)
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
-    removed = trainer.prune_checkpoints(root, recipe)
+    removed = retention.prune_checkpoints(root, recipe)
     assert removed == ["phase2_checkpoint_000003", "phase3_checkpoint_000002"]
     assert [p.name for p in list_checkpoints(root)] == [
         "phase1_checkpoint_000006",

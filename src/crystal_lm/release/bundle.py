@@ -145,7 +145,7 @@ def build_release(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ReleaseError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     recipe, record = run_recipe(run_dir)
-    from crystal_lm.train.trainer import is_permanent
+    from crystal_lm.train.retention import is_permanent
 
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
