@@ -276,3 +276,40 @@ def test_memorization_of_an_imported_release_checkpoint_of_the_same_recipe_is_me
     assert main([*args, "--recipe", str(write_recipe(recipe_dict))]) == 0
     (record,) = read_jsonl(store)
     assert record["metrics"]["score"] is not None and record["metrics"]["n"] > 0
+
+
+def test_the_card_describes_the_recipe_it_is_given(release, recipe_dict, tmp_path):
+    """The card came from fixed words: every embedded corpus part's upstream (trained on or not), no user
+    source, "25% rotary, tied", one FIM rate per stage; a stage without `lr.end` crashed the release."""
+    import copy
+
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.release.model_card import model_card
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "a note"}\n')
+    d = copy.deepcopy(recipe_dict)
+    d["data"]["sources"] = {
+        "prose": {"domain": "text", "embedded": "prose"},
+        "notes": {"domain": "text", "path": str(notes), "format": "jsonl"},
+        "python": {"domain": "code", "embedded": "python"},
+        "web": {"domain": "code", "embedded": "python"},
+    }
+    d["model"].update(rotary_pct=0.5, tie_embeddings=False)
+    for stage in d["stages"]:
+        stage["mixture"] = {"prose": 0.4, "notes": 0.2, "python": 0.3, "web": 0.1}
+    del d["stages"][2]["lr"]["end"]
+    d["stages"][2]["fim"]["rates"] = {"web": 0.9}
+    d["stages"][2]["subsets"] = {"web": [0.0, 0.25]}
+    card = model_card(release, recipe_from_dict(d))
+
+    data = card.split("## Training data")[1].split("##")[0]
+    assert "shakespeare" in data and "cpython" in data.lower() and f"`{notes}`, jsonl" in data
+    assert "docutils" not in data and "Django" not in data  # parts the recipe does not read
+    assert "rotary on 50% of head dims, untied embeddings" in card
+    stage3 = next(line for line in card.splitlines() if line.startswith("| stage3 |"))
+    assert "→ 0.002 → 0 |" in stage3  # an unset end decays to 0
+    assert "python 0.3, web 0.9" in stage3 and "web 10% (samples 0–0.25)" in stage3
+    stage2 = next(line for line in card.splitlines() if line.startswith("| stage2 |"))
+    assert "| 0.9 (python, web) |" in stage2
+    assert "import crystal_lm.interop.hf_model" in card

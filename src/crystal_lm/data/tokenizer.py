@@ -96,6 +96,11 @@ class Tokenizer:
             )
         return self._fim_ids[part]
 
+    @property
+    def has_fim(self) -> bool:
+        """Whether all four FIM tokens are there."""
+        return all(tid is not None for tid in self._fim_ids.values())
+
     def require_fim(self) -> None:
         """Raise, naming the token, unless all four FIM tokens are there."""
         for part in self._fim_ids:

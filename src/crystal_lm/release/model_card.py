@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from crystal_lm.config import Recipe
+from crystal_lm.config import Recipe, StageConfig
 from crystal_lm.report.report import CODE_TASKS, describe_setting, headline_metric, select_series
 from crystal_lm.train.metrics import read_jsonl
 
@@ -50,6 +50,68 @@ def _starting_checkpoint(release: Path) -> list[str]:
     ]
 
 
+def _tokenizer_words(release: Path, recipe: Recipe) -> str:
+    from crystal_lm.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(release / "tokenizer.json")
+    origin = (
+        "a byte-level BPE trained on the recipe's sources"
+        if recipe.data.tokenizer.path is None
+        else f"the tokenizer `{Path(recipe.data.tokenizer.path).name}`"
+    )
+    return origin + (", Crystal's special-token layout incl. FIM" if tokenizer.has_fim else ", no FIM tokens")
+
+
+def _mixture_words(recipe: Recipe, stage: StageConfig) -> str:
+    """The stage's normalised weights, with the part of a source it reads (`subsets`)."""
+    total = sum(stage.mixture.values())
+    words = []
+    for name, weight in stage.mixture.items():
+        if not weight:
+            continue
+        subset = stage.subsets.get(name)
+        words.append(
+            f"{name} {weight / total:.0%}" + (f" (samples {subset[0]:g}–{subset[1]:g})" if subset else "")
+        )
+    return ", ".join(words)
+
+
+def _fim_words(recipe: Recipe, stage: StageConfig) -> str:
+    """The stage's FIM rate per source it FIMs ("–" for none); one figure when every such source shares it."""
+    rates = {
+        name: stage.fim.rate_for(name, recipe.data.sources[name].domain)
+        for name, weight in stage.mixture.items()
+        if weight
+    }
+    fimmed = {name: r for name, r in rates.items() if r > 0}
+    if not fimmed:
+        return "–"
+    if len(set(fimmed.values())) == 1:
+        return f"{next(iter(fimmed.values())):g} ({', '.join(fimmed)})"
+    return ", ".join(f"{name} {r:g}" for name, r in fimmed.items())
+
+
+def _training_data(recipe: Recipe, manifest: dict) -> list[str]:
+    """Where each of the recipe's sources came from: the embedded corpus parts it uses, with their upstream
+    packages and licences, and the user's own files (whose licences the card cannot know)."""
+    corpus = manifest.get("corpus") or {}
+    lines = ["| recipe source | domain | data | version | licence |", "|---|---|---|---|---|"]
+    for name, source in recipe.data.sources.items():
+        if source.embedded:
+            for up in corpus.get("sources", []):
+                if up.get("part") == source.embedded:
+                    lines.append(
+                        f"| {name} | {source.domain} | {up['name']} ({up['registry']}) | {up['version']} | "
+                        f"{up['licence']} |"
+                    )
+        else:
+            fmt = f", {source.format}" if source.format else ""
+            lines.append(
+                f"| {name} | {source.domain} | `{source.path}`{fmt} | – | the source's own (not recorded) |"
+            )
+    return lines
+
+
 def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> str:
     summary = json.loads((release / "logs" / "summary.json").read_text())
     checkpoints = json.loads((release / "checkpoints" / "index.json").read_text())
@@ -82,28 +144,28 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
         f"| parameters | {params:,} |",
         f"| layers / width / heads | {m.n_layers} / {m.d_model} / {m.n_heads} |",
         f"| FFN (SwiGLU) | {m.ffn_dim} |",
-        f"| vocabulary | {m.vocab_size:,} (byte-level BPE, Crystal's special-token layout incl. FIM) |",
+        f"| vocabulary | {m.vocab_size:,} ({_tokenizer_words(release, recipe)}) |",
         f"| context | {recipe.data.seq_len:,} tokens |",
-        "| architecture | Crystal: LayerNorm with biases, GPT-J rotary on 25% of head dims, tied embeddings |",
+        f"| architecture | Crystal: LayerNorm with biases, GPT-J rotary on {m.rotary_pct:.0%} of head dims, "
+        f"{'tied' if m.tie_embeddings else 'untied'} embeddings |",
         f"| muP | base width {recipe.mup.base_width}, input ×{recipe.mup.embeddings_scale}, "
         f"output ×{recipe.mup.output_alpha}/m_d |",
         "",
         "## Recipe",
         "",
-        "| stage | steps | tokens | mixture | FIM rate | LR (warmup → peak → end) | optimizer |",
+        "| stage | steps | tokens | mixture (normalised weights) | FIM rate | LR (warmup → peak → end) | optimizer |",
         "|---|---:|---:|---|---:|---|---|",
     ]
     for i, (stage, s) in enumerate(zip(recipe.stages, summary["stages"], strict=True)):
-        total = sum(stage.mixture.values())
-        mix = ", ".join(f"{k} {v / total:.0%}" for k, v in stage.mixture.items() if v)
         lr = stage.lr
         if lr.continue_previous:
             sched = f"{lr.warmup_steps} warmup, continues stage {i}'s decay"
-        else:
-            sched = f"{lr.warmup_steps} → {lr.peak:g} → {lr.end:g}"
+        else:  # an unset end decays to 0 (train/schedule.py)
+            sched = f"{lr.warmup_steps} → {lr.peak:g} → {lr.end or 0:g}"
         opt = "fresh" if i == 0 or stage.reset_optimizer else "carried over"
         lines.append(
-            f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {mix} | {stage.fim.rate:g} | {sched} | {opt} |"
+            f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {_mixture_words(recipe, stage)} | "
+            f"{_fim_words(recipe, stage)} | {sched} | {opt} |"
         )
     lines += ["", f"Batch {recipe.train.batch_size} × {recipe.data.seq_len} tokens; seed {recipe.seed}.", ""]
     lines += _starting_checkpoint(release)
@@ -156,12 +218,7 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
         "|---|---:|---:|---:|",
     ]
     lines += [f"| `{c['name']}` | {c['stage']} | {c['step']:,} | {c['tokens']:,} |" for c in checkpoints]
-    lines += ["", "## Training data", "", "| source | version | registry | licence |", "|---|---|---|---|"]
-    corpus = manifest.get("corpus") or {}
-    for s in corpus.get("sources", []):
-        lines.append(f"| {s['name']} | {s['version']} | {s['registry']} | {s['licence']} |")
-    if not corpus.get("sources"):
-        lines.append("| (user-supplied sources; see `data/manifest.json`) | | | |")
+    lines += ["", "## Training data", "", *_training_data(recipe, manifest)]
     lines += [
         "",
         f"Tokenizer sha256 `{manifest['tokenizer']['sha256'][:16]}…`; every shard's sha256 is in "
@@ -176,7 +233,7 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
         "## Use",
         "",
         "```python",
-        "import crystal_lm  # registers the crystalcoder model type with transformers",
+        "import crystal_lm.interop.hf_model  # registers the crystalcoder model type with transformers",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'model = AutoModelForCausalLM.from_pretrained("RELEASE_DIR")  # or RELEASE_DIR/checkpoints/<name>',
