@@ -332,3 +332,43 @@ def test_a_missing_benchmark_package_is_named_with_the_make_target(
     )
     assert out.returncode == 2
     assert "package 'lm_eval' is not installed; `make dev` installs" in out.stderr
+
+
+def test_data_order_of_a_run_refuses_data_changed_since_it_trained(
+    trained_run, recipe_dict, write_recipe, tmp_path, crystal_here
+):
+    """`data order RUN` showed, with no word, the order of whatever the source files hold now: after a line
+    was appended to a source it named other samples than those the run trained on."""
+    from crystal_lm.config import load_recipe
+    from crystal_lm.data.prepare import prepare_data
+    from crystal_lm.train.run_dir import claim_run_dir
+
+    _, trained, _ = trained_run
+    notes = tmp_path / "notes.jsonl"
+    paragraphs = [p for p in (REPO / "README.md").read_text().split("\n\n") if len(p) > 200]
+    notes.write_text("".join(json.dumps({"id": str(i), "text": p}) + "\n" for i, p in enumerate(paragraphs)))
+    recipe_dict["data"]["tokenizer"] = {"path": str(trained / "tokenizer.json")}
+    recipe_dict["data"]["sources"] = {"notes": {"domain": "text", "path": str(notes)}}
+    for stage in recipe_dict["stages"]:
+        stage["mixture"] = {"notes": 1.0}
+        stage.pop("fim", None)
+    recipe = load_recipe(write_recipe(recipe_dict))
+    run = tmp_path / "run"  # what training records before its first step
+    claim_run_dir(recipe, run)
+    (run / "data_manifest.json").write_text(json.dumps(prepare_data(recipe).manifest()))
+
+    before = crystal_here("data", "order", str(run), "--stage", "1", "--count", "8", "--json")
+    assert before.returncode == 0, before.stderr
+    with notes.open("a") as f:
+        f.write(json.dumps({"id": "new", "text": paragraphs[0][::-1]}) + "\n")
+    for command in (("order", "--count", "8"), ("sample", "--index", "1"), ("stats",)):
+        out = crystal_here(
+            "data", command[0], str(run), *(("--stage", "1") if command[0] != "stats" else ()), *command[1:]
+        )
+        assert out.returncode == 2, out.stdout
+        assert (
+            f"{run}: the data its recipe prepares now differs" in out.stderr and "notes/train" in out.stderr
+        )
+    assert (
+        crystal_here("data", "order", str(recipe.source_file), "--stage", "1", "--count", "8").returncode == 0
+    )

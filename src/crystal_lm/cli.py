@@ -171,6 +171,26 @@ def _recipe_or_run(path: str, cache_dir: str | None) -> Recipe:
     return _recipe(path, cache_dir)
 
 
+def _data_of(path: str, recipe: Recipe):
+    """The recipe's prepared data; for a run or release folder, refused unless it is the data the folder
+    recorded (its tokenizer and shard hashes): the order shown must be the one trained on."""
+    from crystal_lm.data.prepare import manifest_differences, prepare_data
+
+    data = prepare_data(recipe)
+    folder = Path(path)
+    for recorded in (folder / "data_manifest.json", folder / "data" / "manifest.json"):
+        if folder.is_dir() and recorded.is_file():
+            changed = manifest_differences(json.loads(recorded.read_text()), data.manifest())
+            if changed:
+                raise RecipeError(
+                    f"{folder}: the data its recipe prepares now differs from what it recorded in {recorded} "
+                    f"({', '.join(changed)}): the source files or tokenizer changed since. Restore them to see "
+                    "the order it trained on; the recipe YAML itself shows the order of the data as it is now."
+                )
+            break
+    return data
+
+
 def _stage_index(recipe: Recipe, stage: str) -> int:
     """`--stage` is a stage number from 1 (as in checkpoint names) or a stage name."""
     names = [s.name for s in recipe.stages]
@@ -183,11 +203,10 @@ def _stage_index(recipe: Recipe, stage: str) -> int:
 
 def cmd_data_order(args: argparse.Namespace) -> int:
     from crystal_lm.data.order import order_records
-    from crystal_lm.data.prepare import prepare_data
 
     recipe = _recipe_or_run(args.recipe, args.cache_dir)
     records = order_records(
-        recipe, prepare_data(recipe), _stage_index(recipe, args.stage), args.start, args.count
+        recipe, _data_of(args.recipe, recipe), _stage_index(recipe, args.stage), args.start, args.count
     )
     for r in records:
         if args.json:
@@ -203,10 +222,9 @@ def cmd_data_order(args: argparse.Namespace) -> int:
 
 def cmd_data_sample(args: argparse.Namespace) -> int:
     from crystal_lm.data.order import sample_record
-    from crystal_lm.data.prepare import prepare_data
 
     recipe = _recipe_or_run(args.recipe, args.cache_dir)
-    data = prepare_data(recipe)
+    data = _data_of(args.recipe, recipe)
     record = sample_record(recipe, data, _stage_index(recipe, args.stage), args.index)
     if args.json:
         print(json.dumps(record))
@@ -218,10 +236,9 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from crystal_lm.data.order import stage_stats
-    from crystal_lm.data.prepare import prepare_data
 
     recipe = _recipe_or_run(args.recipe, args.cache_dir)
-    rows = stage_stats(recipe, prepare_data(recipe))
+    rows = stage_stats(recipe, _data_of(args.recipe, recipe))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -364,6 +381,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         license=args.license,
         overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
         log=_to_stderr,
     )
     if args.push:
@@ -697,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--push", metavar="REPO", help="then push: main + one branch per checkpoint (hub id or git URL)"
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache-dir", help="override the recipe's data.cache_dir (the data order is recomputed)")
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("verify", help="check a release: hashes, checkpoints load, data order recomputes")

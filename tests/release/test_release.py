@@ -313,3 +313,36 @@ def test_the_card_describes_the_recipe_it_is_given(release, recipe_dict, tmp_pat
     stage2 = next(line for line in card.splitlines() if line.startswith("| stage2 |"))
     assert "| 0.9 (python, web) |" in stage2
     assert "import crystal_lm.interop.hf_model" in card
+
+
+def test_verify_reports_data_it_cannot_prepare_and_still_checks_the_rest(release, monkeypatch):
+    """A user source absent on the verifying machine stopped `verify` with a recipe error: no hash or
+    checkpoint result was shown."""
+    from crystal_lm.config import RecipeError
+    from crystal_lm.data import prepare
+
+    def absent(recipe):
+        raise RecipeError("my.yaml: data.sources.notes.path: /data/notes.jsonl does not exist")
+
+    monkeypatch.setattr(prepare, "prepare_data", absent)
+    report = verify_release(release)
+    assert not report.ok
+    assert report.data_order["all"].startswith("cannot be recomputed here: my.yaml: data.sources.notes.path")
+    assert len(report.checkpoints) == 7 and set(report.checkpoints.values()) == {"ok"}
+    assert not report.altered and not report.missing
+
+
+def test_release_reads_the_data_from_the_cache_dir_it_is_given(trained_run, tmp_path):
+    """`release` had no --cache-dir: a run whose recipe's cache_dir is relative (or moved) had its whole corpus
+    rebuilt into the working directory."""
+    import shutil
+
+    recipe, run_dir, _ = trained_run
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    record = json.loads((moved / "recipe.json").read_text())
+    record["recipe"]["data"]["cache_dir"] = str(tmp_path / "cache-gone")
+    (moved / "recipe.json").write_text(json.dumps(record))
+    build_release(moved, tmp_path / "rel", cache_dir=recipe.data.cache_dir, log=lambda m: None)
+    assert not (tmp_path / "cache-gone").exists()
+    assert json.loads((tmp_path / "rel" / "data" / "order.json").read_text())["stages"]

@@ -69,6 +69,23 @@ class PreparedData:
         }
 
 
+def _order_inputs(manifest: dict) -> dict[str, object]:
+    return {"tokenizer": (manifest.get("tokenizer") or {}).get("sha256")} | {
+        f"{name}/{split}": [shard["sha256"] for shard in summary[split]["shards"]]
+        for name, summary in manifest.get("sources", {}).items()
+        for split in ("train", "val")
+    }
+
+
+def manifest_differences(recorded: dict, current: dict) -> list[str]:
+    """What the data order depends on that differs between two data manifests: `tokenizer`, and
+    `SOURCE/SPLIT` for each source whose shard hashes differ (local paths do not count)."""
+    a, b = _order_inputs(recorded), _order_inputs(current)
+    return sorted(
+        (k for k in a.keys() | b.keys() if a.get(k) != b.get(k)), key=lambda k: (k != "tokenizer", k)
+    )
+
+
 def _shard_summary(s: ShardSet) -> dict:
     return {
         "dir": str(s.dir),

@@ -110,17 +110,6 @@ def data_order(recipe: Recipe, data) -> dict:
     }
 
 
-def shard_hashes(manifest: dict) -> dict:
-    """The parts of a data manifest the order depends on (local paths left out)."""
-    return {
-        "tokenizer": manifest["tokenizer"]["sha256"],
-        "sources": {
-            name: {split: [s["sha256"] for s in v[split]["shards"]] for split in ("train", "val")}
-            for name, v in sorted(manifest["sources"].items())
-        },
-    }
-
-
 def build_release(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -129,12 +118,16 @@ def build_release(
     dtype: str | None = None,
     license: str = "apache-2.0",
     overwrite: bool = False,
+    cache_dir: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    from crystal_lm.data.prepare import prepare_data
+    """Bundle `run_dir` as LLM360 published Crystal into `out_dir` (see the module's docstring). The data
+    order is recomputed from the recipe's data, read from `cache_dir` when given (else the recipe's)."""
+    from crystal_lm.data.prepare import manifest_differences, prepare_data
     from crystal_lm.interop.llm360 import export_hf
     from crystal_lm.release.model_card import model_card
     from crystal_lm.report.report import write_report
+    from crystal_lm.train.retention import is_permanent
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     t0 = time.time()
@@ -145,7 +138,8 @@ def build_release(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ReleaseError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     recipe, record = run_recipe(run_dir)
-    from crystal_lm.train.retention import is_permanent
+    if cache_dir:
+        recipe.data.cache_dir = cache_dir
 
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
@@ -195,10 +189,12 @@ def build_release(
         data = prepare_data(recipe)
         (tmp / "data").mkdir()
         manifest = json.loads((run_dir / "data_manifest.json").read_text())
-        if shard_hashes(manifest) != shard_hashes(data.manifest()):
+        changed = manifest_differences(manifest, data.manifest())
+        if changed:
             raise ReleaseError(
-                f"{run_dir}/data_manifest.json does not match the data the recipe prepares now "
-                "(shards rebuilt with other contents?); the data order could not be published faithfully"
+                f"{run_dir}/data_manifest.json does not match the data the recipe prepares now ("
+                f"{', '.join(changed)} differ: source files or tokenizer changed since training?); the data "
+                "order could not be published faithfully"
             )
         shutil.copyfile(run_dir / "data_manifest.json", tmp / "data" / "manifest.json")
         (tmp / "data" / "order.json").write_text(json.dumps(data_order(recipe, data), indent=1) + "\n")

@@ -16,7 +16,6 @@ from crystal_lm.release.bundle import (
     ReleaseError,
     read_manifest,
     run_recipe,
-    shard_hashes,
 )
 
 
@@ -68,7 +67,7 @@ def _check_checkpoint(folder: Path) -> str:
 
 def _check_data_order(release: Path, cache_dir: str | None) -> dict[str, str]:
     from crystal_lm.data.order import order_fingerprint
-    from crystal_lm.data.prepare import prepare_data
+    from crystal_lm.data.prepare import manifest_differences, prepare_data
 
     needed = ("recipe.json", "data/order.json", "data/manifest.json")
     absent = [rel for rel in needed if not (release / rel).is_file()]
@@ -82,9 +81,15 @@ def _check_data_order(release: Path, cache_dir: str | None) -> dict[str, str]:
         return {"all": f"cannot be recomputed: {exc}"}
     if cache_dir:
         recipe.data.cache_dir = cache_dir
-    data = prepare_data(recipe)  # from the cache, or rebuilt from the pinned sources
-    if shard_hashes(data.manifest()) != shard_hashes(published):
-        return {"all": "the recipe's data now prepares into shards that differ from data/manifest.json"}
+    try:
+        data = prepare_data(recipe)  # from the cache, or rebuilt from the pinned sources
+    except (ValueError, OSError) as exc:  # a recipe or data error, e.g. a user source not on this machine
+        return {"all": f"cannot be recomputed here: {exc} (--skip-data checks the rest alone)"}
+    changed = manifest_differences(published, data.manifest())
+    if changed:
+        return {
+            "all": f"the recipe's data now prepares differently from data/manifest.json: {', '.join(changed)}"
+        }
     out = {}
     for i, stage in enumerate(order["stages"]):
         got = order_fingerprint(recipe, data, i)

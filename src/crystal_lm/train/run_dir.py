@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from crystal_lm.config import Recipe
-from crystal_lm.data.prepare import PreparedData
+from crystal_lm.data.prepare import PreparedData, manifest_differences
 from crystal_lm.train.checkpoint import TrainState, list_checkpoints
 from crystal_lm.train.metrics import read_jsonl, write_text_atomic
 
@@ -151,14 +151,6 @@ def write_summary(recipe: Recipe, run_dir: Path, state: TrainState) -> dict:
     return summary
 
 
-def _shard_hashes(manifest: dict) -> dict[str, list[str]]:
-    return {
-        f"{name}/{split}": [shard["sha256"] for shard in summary[split]["shards"]]
-        for name, summary in manifest.get("sources", {}).items()
-        for split in ("train", "val")
-    }
-
-
 def refuse_changed_data(run_dir: Path, resume: Path, data: PreparedData) -> None:
     """A resumed run must see the tokens it started with. The recipe fingerprint covers paths and settings,
     not what the files hold: a tokenizer or corpus changed in place would silently change the token ids and
@@ -181,13 +173,7 @@ def refuse_changed_data(run_dir: Path, resume: Path, data: PreparedData) -> None
         raise RunDirError(
             f"{recorded}: unreadable ({exc}); restore it, or delete it to resume without comparing the data"
         ) from None
-    before_shards, now_shards = (
-        _shard_hashes(before),
-        _shard_hashes(data.manifest()),
-    )
-    changed = sorted(
-        k for k in before_shards.keys() | now_shards.keys() if before_shards.get(k) != now_shards.get(k)
-    )
+    changed = manifest_differences(before, data.manifest())
     if changed:
         raise RunDirError(
             f"{run_dir}: the packed data of {', '.join(changed)} differs from what this run started with "
