@@ -53,6 +53,8 @@ def test_records_name_the_documents_the_trainer_read(prepared, packed_docs):
             assert r["step"] == r["index"] // recipe.train.batch_size and r["stage"] == si + 1  # as --stage
             assert (r["source"], r["sample"]) == sd.mixture(r["index"])
             assert r["fim"] == (r["source"] in sd.fim_sources) and r["document_fim"] is False
+            stage_fim = recipe.stages[si].fim
+            assert r["fim_rate"] == (stage_fim.rate if r["fim"] else 0.0)  # the small recipe: one rate a stage
             # The listed document spans, cut from the re-tokenized documents, are the window's tokens.
             spans = [packed_docs(r["source"], d["id"])[d["start"] : d["end"]] for d in r["documents"]]
             assert all(spans), r
@@ -229,3 +231,13 @@ def test_fingerprint_recomputes_and_changes_with_the_order(prepared):
     assert order.probe_indices(5000, 64)[:1] == [0] and order.probe_indices(5000, 64)[-1] == 4999
     assert len(order.probe_indices(5000, 64)) == 64 and order.probe_indices(3, 64) == [0, 1, 2]
     assert order_fingerprint(recipe, data, 1, probe=24) != order_fingerprint(recipe, data, 1, probe=2)
+
+
+def test_order_fingerprints_hash_the_keys_releases_were_first_published_with(prepared):
+    """A key added to order records later (`fim_rate`) must not change the fingerprint: releases made before
+    would no longer verify."""
+    recipe, data = prepared
+    for record in order_records(recipe, data, 1, 0, 8):
+        hashed = order._as_first_published(record)
+        assert set(hashed) == {"index", "step", "stage", "source", "sample", "epoch", "documents", "fim"}
+        assert hashed["stage"] == record["stage"] - 1

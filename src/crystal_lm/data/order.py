@@ -124,7 +124,9 @@ def order_records(recipe: Recipe, data: PreparedData, stage_index: int, start: i
 
     Each record: index, step, stage (numbered from 1, as `--stage` and checkpoint names), source, sample
     (window index in the source's train shards), epoch, documents (id and [start, end) token offsets inside
-    `<s> doc </s>` of every document in the window), fim (whether the stage's FIM applies to the sample) and
+    `<s> doc </s>` of every document in the window), fim (whether the sample goes through the stage's FIM),
+fim_rate (the probability with which each of its documents is then rearranged: which ones were is drawn per
+sample, and `data sample` reports how many, `fim_segments`) and
     document_fim (whether the source's documents were FIM'd one by one before packing, `document_fim`; the
     offsets then count the FIM'd documents' tokens). The window is the one the sample was built from:
     seq_len + 1 tokens (inputs and the shifted label), or its real tokens for the padded last window; under
@@ -158,6 +160,7 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
                 "epoch": epoch,
                 "documents": _document_index(shards).spans(lo, lo + valid, unit),
                 "fim": fim,
+                "fim_rate": sd.stage.fim.rate_for(source, sd.recipe.data.sources[source].domain) if fim else 0.0,
                 "document_fim": sd.recipe.data.sources[source].document_fim is not None,
             }
         )
@@ -166,8 +169,9 @@ def _records(sd: StageData, indices: Iterable[int]) -> list[dict]:
 
 def _as_first_published(record: dict) -> dict:
     """A record as order fingerprints have hashed it since releases were first made (stage from 0, no
-    `document_fim` key unless true), so a release made before stays verifiable."""
+    `document_fim` key unless true, no `fim_rate`), so a release made before stays verifiable."""
     out = {**record, "stage": record["stage"] - 1}
+    out.pop("fim_rate", None)
     if not out["document_fim"]:
         del out["document_fim"]
     return out
