@@ -76,6 +76,7 @@ def _info_of_folder(path: Path, as_json: bool) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from crystal_lm.model import build_model, count_parameters
+    from crystal_lm.train.schedule import schedule_warnings
 
     if Path(args.recipe).is_dir():
         return _info_of_folder(Path(args.recipe), args.json)
@@ -142,6 +143,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"  {s['name']}: {s['steps']:,} step{'s' if s['steps'] != 1 else ''}, {s['tokens']:,} tokens{asked}, FIM {s['fim_rate']}, mixture "
             f"{s['mixture']}"
         )
+    for warning in schedule_warnings(recipe):
+        print(f"  warning: {warning}")
     return 0
 
 

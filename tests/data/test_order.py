@@ -54,7 +54,9 @@ def test_records_name_the_documents_the_trainer_read(prepared, packed_docs):
             assert (r["source"], r["sample"]) == sd.mixture(r["index"])
             assert r["fim"] == (r["source"] in sd.fim_sources) and r["document_fim"] is False
             stage_fim = recipe.stages[si].fim
-            assert r["fim_rate"] == (stage_fim.rate if r["fim"] else 0.0)  # the small recipe: one rate a stage
+            assert r["fim_rate"] == (
+                stage_fim.rate if r["fim"] else 0.0
+            )  # the small recipe: one rate a stage
             # The listed document spans, cut from the re-tokenized documents, are the window's tokens.
             spans = [packed_docs(r["source"], d["id"])[d["start"] : d["end"]] for d in r["documents"]]
             assert all(spans), r

@@ -40,3 +40,20 @@ def test_linear_schedule_shape():
         and s.lr(100) == pytest.approx(0.1)
         and s.lr(500) == pytest.approx(0.1)
     )
+
+
+def test_a_warmup_longer_than_its_stage_is_named(recipe_dict, write_recipe, capsys):
+    """A 200-step warmup on a 6-step stage peaked at 3% of the recipe's LR without a word."""
+    from crystal_lm.cli import main
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.train.schedule import schedule_warnings
+
+    assert schedule_warnings(recipe_from_dict(recipe_dict)) == []
+    recipe_dict["stages"][2]["lr"]["warmup_steps"] = 200
+    (warning,) = schedule_warnings(recipe_from_dict(recipe_dict))
+    assert warning == (
+        "stage 'stage3': lr.warmup_steps 200 is not shorter than the stage (4 steps), so its LR rises only to "
+        "3e-05, not 0.002"
+    )
+    assert main(["info", str(write_recipe(recipe_dict))]) == 0
+    assert f"warning: {warning}" in capsys.readouterr().out

@@ -47,3 +47,17 @@ def stage_schedules(recipe: Recipe) -> list[LinearSchedule]:
                 LinearSchedule(cfg.warmup_steps, cfg.peak, cfg.end if cfg.end is not None else 0.0, decay)
             )
     return schedules
+
+
+def schedule_warnings(recipe: Recipe) -> list[str]:
+    """Stages whose warmup does not fit in them: their LR never reaches the peak the recipe names (a stage
+    shortened by its token budget, or a warmup counted in the wrong unit)."""
+    warnings = []
+    for stage, schedule in zip(recipe.stages, stage_schedules(recipe), strict=True):
+        steps = recipe.stage_steps(stage)
+        if schedule.warmup_steps >= steps > 0 and schedule.warmup_steps:
+            warnings.append(
+                f"stage {stage.name!r}: lr.warmup_steps {schedule.warmup_steps} is not shorter than the stage "
+                f"({steps} steps), so its LR rises only to {schedule.lr(steps - 1):.6g}, not {schedule.peak:.6g}"
+            )
+    return warnings

@@ -62,7 +62,7 @@ from crystal_lm.train.run_dir import (
     refuse_changed_data,
     write_summary,
 )
-from crystal_lm.train.schedule import LinearSchedule, stage_schedules
+from crystal_lm.train.schedule import LinearSchedule, schedule_warnings, stage_schedules
 from crystal_lm.train.stability import StabilityGuard, TrainingDiverged
 
 __all__ = ["RunDirError", "Trainer", "is_permanent", "prune_checkpoints", "train"]
@@ -312,6 +312,8 @@ class Trainer:
                     self.run_dir, recipe.name, recipe.to_dict(), t.tensorboard, t.wandb, state.global_step
                 )
             self._log_initial_validation()
+            for warning in schedule_warnings(recipe):
+                self.progress.message(f"warning: {warning}")
             schedules = stage_schedules(recipe)
             for si, stage in enumerate(recipe.stages):
                 steps = recipe.stage_steps(stage)
