@@ -127,7 +127,8 @@ class ModelConfig:
     rotary_pct: float = 0.25
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
-    # Crystal ties the LM head to the embedding; `crystal export --fold-mup` writes an untied variant.
+    # Crystal ties the LM head to the embedding; `crystal export --fold-mup` writes an untied variant. An
+    # untied head trains with the tied one's muP init and LR group.
     tie_embeddings: bool = True
     # Attention scores q·kᵀ are divided by d_head under muP, by sqrt(d_head) in standard parametrisation.
     qk_scale: Literal["d_head", "sqrt_d_head"] = "d_head"

@@ -3,8 +3,11 @@ evaluation carries on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -240,3 +243,83 @@ def test_files_written_to_tmp_do_not_survive_the_run():
     assert r.status == "passed", r.reason
     for p in places:
         assert not p.exists() and not Path(str(p) + "-dir").exists()
+
+
+def _processes_with(token: str) -> dict[int, int]:
+    """Live (not zombie) processes whose command line holds `token`: pid -> parent pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if token.encode() not in (entry / "cmdline").read_bytes():
+                continue
+            status = dict(
+                line.split(":\t", 1) for line in (entry / "status").read_text().splitlines() if ":\t" in line
+            )
+        except OSError:  # gone meanwhile
+            continue
+        if not status["State"].startswith("Z"):
+            found[int(entry.name)] = int(status["PPid"])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@needs_isolation
+def test_programs_die_with_a_killed_evaluator():
+    """`kill -9` of the evaluating process: its program, and what the program started (even in a session of its
+    own), go too. (setuid cleared the parent-death signal, and nothing killed the tree: they ran on, for good.)"""
+    token = secrets.token_hex(8)
+    program = (
+        "import subprocess, sys, time\n"
+        "for _ in range(2):\n"
+        f"    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {token!r}],\n"
+        "                     start_new_session=True)\n"
+        "time.sleep(600)\n"
+    )
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", f"from crystal_lm.eval.sandbox import run; run({program!r}, 600)"]
+    )
+    program_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        started: dict[int, int] = {}
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            started = {p: pp for p, pp in _processes_with(token).items() if p != evaluator.pid}
+        assert len(started) == 2, "the program did not start its children"
+        program_pid = next(iter(started.values()))  # the children's parent: the program itself
+        evaluator.kill()
+        evaluator.wait()
+        watched = [*started, program_pid]
+        deadline = time.monotonic() + 30
+        while any(map(_alive, watched)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, watched)), "the sandboxed programs outlived their evaluator"
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+        for pid in [*_processes_with(token), *([program_pid] if program_pid else [])]:  # left if it failed
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_isolation
+def test_a_uid_that_still_has_processes_is_not_handed_out():
+    """Processes of a pool uid left by another evaluator (one killed before the fix, or a program that cleared its
+    parent-death signal): the uid goes to no new program, whose process limit they would use up."""
+    slot, fd = sandbox._POOL.acquire()  # the slot the next run would get
+    sandbox._POOL.release(slot, fd)
+    orphan_uid = sandbox._UID_BASE + slot
+    orphan = subprocess.Popen(["sleep", "600"], user=orphan_uid, group=orphan_uid, extra_groups=[])
+    try:
+        r = run("import os\nprint(os.getuid())\n", 5)
+        assert r.passed, r.reason
+        assert int(r.stdout) != orphan_uid
+    finally:
+        orphan.kill()
+        orphan.wait()

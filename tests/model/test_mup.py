@@ -75,3 +75,20 @@ def test_width_scaling_at_init():
             logit.append(float(model(tokens).std()))
     assert emb[1] == pytest.approx(emb[0], rel=0.05)
     assert logit[1] / logit[0] == pytest.approx(0.5, rel=0.25)
+
+
+def test_an_untied_head_is_initialised_and_grouped_as_the_tied_one():
+    """`tie_embeddings: false` trained a head left at PyTorch's default uniform init, in the hidden group
+    (LR / m_d), unlike the tied head it stands for."""
+    cfg = ModelConfig(
+        vocab_size=2048, d_model=256, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=False
+    )
+    model = build_model(cfg, MupConfig(base_width=64), seed=0)
+    head = dict(model.named_parameters())["lm_head.weight"]
+    sigma = init_stds(model).embedding
+    assert head.abs().max() <= 2 * sigma + 1e-7
+    assert float(head.detach().std()) == pytest.approx(0.8796 * sigma, rel=0.05)
+    groups = {
+        g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, 0.1, model.width_multiplier)
+    }
+    assert id(head) in groups["embedding"]

@@ -151,7 +151,7 @@ class CrystalModel(nn.Module):
                 "ln_f": nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps),
             }
         )
-        if not cfg.tie_embeddings:  # only in standard-parametrisation exports (folded muP)
+        if not cfg.tie_embeddings:  # standard-parametrisation exports (folded muP), or a recipe's choice
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # muP multipliers: α_in on embeddings; α_out / m_d on logits (tied head, no bias).
         self.embeddings_scale = mup.embeddings_scale

@@ -6,7 +6,8 @@ the model; this module holds the other two halves:
 * initialisation: truncated normal cut at ±2σ; embedding σ_base; hidden matrices σ_base/√m_d; attention
   out-projection and MLP down-projection additionally /√(2·n_layers); biases 0; LayerNorm 1/0.
 * optimizer groups: hidden matrices get LR/m_d (so their decoupled weight decay is scaled too), embeddings
-  (= the tied head) the base LR with weight decay, biases and norms the base LR without weight decay.
+  (= the tied head) the base LR with weight decay, biases and norms the base LR without weight decay. An
+  untied head (`tie_embeddings: false`) is initialised and grouped as the tied one would be.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _trunc_normal_(w: torch.Tensor, std: float) -> None:
 def init_weights(model: CrystalModel) -> None:
     stds = init_stds(model)
     _trunc_normal_(model.wte.weight, stds.embedding)
+    if not model.cfg.tie_embeddings:  # the head the tied weight would be: its multiplier is in the forward
+        _trunc_normal_(model.lm_head.weight, stds.embedding)
     for block in model.blocks:
         for layer in (block.attn.c_attn, block.mlp.c_fc, block.mlp.c_fc2):  # q, k, v, up, gate
             _trunc_normal_(layer.weight, stds.hidden)
@@ -62,7 +65,7 @@ def param_groups(model: nn.Module, weight_decay: float, width_multiplier: float)
     for name, p in model.named_parameters():
         if p.ndim < 2:
             buckets["no_decay"].append(p)  # biases and LayerNorm weights
-        elif name.endswith("wte.weight"):
+        elif name.endswith(("wte.weight", "lm_head.weight")):  # an untied head is grouped as the tied one
             buckets["embedding"].append(p)
         else:
             buckets["hidden"].append(p)
