@@ -264,7 +264,7 @@ def _processes_with(token: str) -> dict[int, int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -323,3 +323,36 @@ def test_a_uid_that_still_has_processes_is_not_handed_out():
     finally:
         orphan.kill()
         orphan.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_the_program_does_not_start_once_its_evaluator_is_gone(tmp_path):
+    """The evaluator died before the wrapper could set its parent-death signal again (so that no signal would
+    come): the wrapper sees the evaluator's end of its pipe closed and does not run the program."""
+    (tmp_path / "wrapper.py").write_text(sandbox._WRAPPER)
+    ran = tmp_path / "ran"
+    (tmp_path / "program.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n")
+    marker_r, marker_w = os.pipe()
+    os.write(marker_w, b"m" * 32)
+    os.close(marker_w)
+    done_r, done_w = os.pipe()
+    alive_r, alive_w = os.pipe()
+
+    def wrapper(alive: int) -> subprocess.CompletedProcess:
+        limits = (2**30, 10, 2**20, 64, 64, -1)  # memory, CPU s, file size, open files, processes, no setuid
+        return subprocess.run(
+            [sys.executable, "-I", "-B", "wrapper.py", str(done_w), str(alive), *map(str, limits)],
+            cwd=tmp_path,
+            stdin=marker_r,
+            pass_fds=(done_w, alive),
+            capture_output=True,
+        )
+
+    try:
+        assert wrapper(alive_r).returncode == 0 and ran.exists()  # evaluator there: the program runs
+        ran.unlink()
+        os.close(alive_w)  # the evaluator gone
+        assert wrapper(alive_r).returncode != 0 and not ran.exists()
+    finally:
+        for fd in (marker_r, done_r, done_w, alive_r):
+            os.close(fd)

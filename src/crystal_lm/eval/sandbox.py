@@ -2,15 +2,19 @@
 
 Each program runs in its own `python -I` process with a stripped environment and limits on memory, CPU time,
 file size, open files and processes; on timeout the whole process tree is killed. Where the platform allows
-(Linux, as root, with util-linux `unshare`) -- see `isolation()` -- each program also gets:
+(Linux, as root, with util-linux `unshare` and `setpriv`) -- see `isolation()` -- each program also gets:
 
 * its own network namespace (no network) and PID namespace (it cannot see or signal other processes, including
-  the other sandboxes, and everything it started dies with it);
+  the other sandboxes, and everything it started dies with it -- and with the evaluator: `unshare` runs under
+  `setpriv --pdeathsig KILL`, so it dies with the evaluating thread, and the program's process, the namespace's
+  first, dies with `unshare` (`--kill-child`; the wrapper sets that signal again after its setuid cleared it,
+  and runs nothing if the evaluator went before);
 * its own unprivileged uid/gid, taken from a pool (`_UID_BASE` + slot; the ids need not exist in /etc/passwd)
   that never hands one id to two programs at once, in this process (a lock) or in other processes on the machine
   (an `flock` per slot under /run/crystal-sandbox). So programs running side by side (`run_many`) cannot
   write to each other's files, and a fork bomb in one uses up only its own process limit (RLIMIT_NPROC counts
-  per uid). A slot is handed back only once no process of its uid is left.
+  per uid). A slot is handed back only once no process of its uid is left, and a uid that some process on the
+  machine still runs as (say, one left by an evaluator killed before this was so) is never handed out.
 * its own mount namespace with fresh, size-capped tmpfs on /tmp, /var/tmp and /dev/shm: its folder is
   /tmp/sandbox in there (mode 0700, owned by its uid; the program and wrapper are copied in from a root-only
   host folder), and whatever it writes to those places vanishes with it. If mounting is not allowed but the
@@ -18,7 +22,8 @@ file size, open files and processes; on timeout the whole process tree is killed
   left at the top of /tmp, /var/tmp and /dev/shm are removed after the run.
 
 Without namespaces (not root, not Linux) only the rlimits, the stripped environment and a process-group kill
-apply: programs then run as the calling user and can reach each other's files.
+apply: programs then run as the calling user and can reach each other's files, and while the program itself
+dies with the evaluator (on Linux), processes it started in a session of their own may outlive both.
 
 A program *passes* only when it runs to its end: the random per-run marker waits, unread, in a pipe on fd 1000;
 the wrapper (trusted code in the same process) reads it only after the program's last statement has run, and
@@ -58,8 +63,8 @@ Status = Literal["passed", "failed", "timeout", "killed"]
 # only after exec returns: no variable holds the marker or an fd number while the program runs.
 _WRAPPER = """\
 def _setup():
-    import os, resource, sys
-    done, mem, cpu, fsize, nofile, nproc, uid = (int(a) for a in sys.argv[1:8])
+    import ctypes, os, resource, sys
+    done, alive, mem, cpu, fsize, nofile, nproc, uid = (int(a) for a in sys.argv[1:9])
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 1002:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1002, max(hard, 1002)))
@@ -79,6 +84,18 @@ def _setup():
         os.setgid(uid)
         os.setuid(uid)
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    # Die with the parent (unshare, which dies with the evaluator): setuid cleared that signal, so set it again,
+    # then see that the evaluator did not go before it was set (its end of the `alive` pipe is then closed).
+    if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG, SIGKILL
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    os.set_blocking(alive, False)
+    try:
+        evaluator_gone = os.read(alive, 1) == b""
+    except BlockingIOError:  # nothing to read and the write end open: the evaluator is there
+        evaluator_gone = False
+    if evaluator_gone:
+        os._exit(1)
+    os.close(alive)
     sys.argv = ["program.py"]
 
 
@@ -112,6 +129,9 @@ cd /tmp/sandbox
 exec "$@"
 """
 
+# Prefix of the sandbox's `unshare`: it dies (SIGKILL) when the evaluating thread does, and with it (its
+# --kill-child) the program's PID namespace, everything the program started included.
+_DIES_WITH_EVALUATOR = ("setpriv", "--pdeathsig", "KILL")
 _UID_BASE = 2_000_000_000  # programs run as _UID_BASE + slot (gid the same): ids no account uses
 _UID_SLOTS = 4096
 _SLOT_LOCK_DIR = "/run/crystal-sandbox"
@@ -143,14 +163,16 @@ class SandboxResult:
 
 def _unshare_works(*args: str) -> bool:
     try:
-        probe = subprocess.run(["unshare", *args], capture_output=True, timeout=30)
+        probe = subprocess.run([*_DIES_WITH_EVALUATOR, "unshare", *args], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
 
 
 def _namespaces_available() -> bool:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
         return False
     return _unshare_works("--net", "--pid", "--fork", "--kill-child", "true")
 
@@ -241,8 +263,12 @@ class _UidPool:
     def acquire(self) -> tuple[int, int | None]:
         with self._lock:
             lock_dir = self._dir()
+            # A uid some process still runs as is not free whatever the locks say: e.g. one left by an
+            # evaluator killed before its program ended (its flock went with it), which would use up the next
+            # program's process limit (RLIMIT_NPROC counts per uid).
+            occupied = _pool_uids_with_processes()
             for slot in range(_UID_SLOTS):
-                if slot in self._in_use:
+                if slot in self._in_use or _UID_BASE + slot in occupied:
                     continue
                 fd = None
                 if lock_dir is not None:
@@ -270,7 +296,9 @@ class _UidPool:
 _POOL = _UidPool()
 
 
-def _processes_of(uid: int) -> bool:
+def _pool_uids_with_processes() -> set[int]:
+    """The pool uids that a process on this machine runs as (real, effective, saved or filesystem uid)."""
+    found = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -278,12 +306,16 @@ def _processes_of(uid: int) -> bool:
             with open(f"/proc/{entry.name}/status") as f:
                 for line in f:
                     if line.startswith("Uid:"):
-                        if str(uid) in line.split()[1:]:
-                            return True
+                        uids = map(int, line.split()[1:])
+                        found.update(u for u in uids if _UID_BASE <= u < _UID_BASE + _UID_SLOTS)
                         break
         except OSError:  # gone meanwhile
             continue
-    return False
+    return found
+
+
+def _processes_of(uid: int) -> bool:
+    return uid in _pool_uids_with_processes()
 
 
 def _remove_files_of(uid: int) -> None:
@@ -360,10 +392,14 @@ def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int
         os.write(marker_w, marker)
         os.close(marker_w)
         done_r, done_w = os.pipe()
+        # Only we hold the write end (not inheritable), for as long as the run lasts: when the wrapper finds it
+        # closed, we are gone (see _WRAPPER).
+        alive_r, alive_w = os.pipe()
         stdout_f = open(workdir / ".stdout", "w+b")  # files, not pipes: a flood cannot block us
         stderr_f = open(workdir / ".stderr", "w+b")
         args = (
             done_w,
+            alive_r,
             limits.memory_mb * 2**20,
             int(timeout_s) + 1,
             limits.file_size_mb * 2**20,
@@ -380,7 +416,7 @@ def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int
                 cmd = ["/bin/sh", "-c", _PRIVATE_TMP, "sh", str(uid), str(tmpfs_mb), *cmd]
                 cmd = ["unshare", "--mount", "--propagation", "private", *cmd]
                 home, tmp = "/tmp/sandbox", "/tmp"
-            cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", *cmd]
+            cmd = [*_DIES_WITH_EVALUATOR, "unshare", "--net", "--pid", "--fork", "--kill-child", *cmd]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": tmp}
         start = time.monotonic()
         try:
@@ -391,12 +427,16 @@ def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int
                 stdin=marker_r,
                 stdout=stdout_f,
                 stderr=stderr_f,
-                pass_fds=(done_w,),
+                pass_fds=(done_w, alive_r),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(alive_w)
+            raise
         finally:
             os.close(marker_r)
             os.close(done_w)
+            os.close(alive_r)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
@@ -407,6 +447,7 @@ def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            os.close(alive_w)
         duration = time.monotonic() - start
         os.set_blocking(done_r, False)
         try:
