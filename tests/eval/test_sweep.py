@@ -208,3 +208,45 @@ def test_data_tasks_need_no_tokenizer_of_the_checkpoint(trained_run, recipe_dict
     recipe = str(write_recipe(recipe_dict))
     assert main(["eval", str(ckpt), "--tasks", "val_loss", "--store", str(store), "--recipe", recipe]) == 0
     assert read_jsonl(store)[0]["metrics"]["code"] > 0
+
+
+def _in_run_of(ckpt, run_dir, recipe_record: dict, fingerprint: str):
+    """A copy of a checkpoint inside a run folder `run_dir` that records `recipe_record` (as `claim_run_dir`
+    writes recipe.json), its training state naming the recipe `fingerprint` it was trained with."""
+    import json
+
+    from crystal_lm.train.checkpoint import load_state, load_tensors, save_checkpoint
+
+    run_dir.mkdir(parents=True)
+    body = {"name": recipe_record["name"], "fingerprint": fingerprint, "recipe": recipe_record}
+    (run_dir / "recipe.json").write_text(json.dumps(body, default=list))
+    state = load_state(ckpt)
+    state.recipe_fingerprint = fingerprint
+    config = json.loads((ckpt / "config.json").read_text())
+    out = run_dir / "checkpoints" / ckpt.name
+    return save_checkpoint(out, load_tensors(ckpt), None, state, config, ckpt / "tokenizer.json")
+
+
+def test_memorization_of_a_checkpoint_of_another_recipe_says_why_there_is_no_score(trained_run, tmp_path):
+    """A crystal-lm checkpoint trained with another recipe has no position in this recipe's data order: its
+    record says so, as an import's does (it was probed through this recipe's order: score 0.0 of n 4). One of
+    this run whose recipe fingerprint differs only by keys added since is measured."""
+    import copy
+
+    from crystal_lm.config import recipe_from_dict
+
+    recipe, run_dir, _ = trained_run
+    ckpt = run_dir / "checkpoints" / "phase2_checkpoint_000006"
+    other_dict = copy.deepcopy(recipe.to_dict()) | {"seed": recipe.seed + 1}
+    other = recipe_from_dict(other_dict)
+    foreign = _in_run_of(ckpt, tmp_path / "other-run", other.to_dict(), other.fingerprint())
+    store = tmp_path / "r.jsonl"
+    (record,) = sweep([foreign], ["memorization"], store, recipe=recipe, log=lambda m: None)
+    assert record["metrics"]["score"] is None and record["metrics"]["n"] == 0
+    reason = record["metrics"]["reason"]
+    assert "no position in this recipe's data order" in reason and "seed" in reason, reason
+    # The same run, recorded by a version with fewer keys: its fingerprint differs, its recipe does not.
+    older = _in_run_of(ckpt, tmp_path / "same-run", recipe.to_dict(), "0123456789abcdef")
+    (measured,) = sweep([older], ["memorization"], store, recipe=recipe, log=lambda m: None)
+    assert measured["metrics"]["score"] is not None and measured["metrics"]["n"] > 0
+    assert measured["key"] != record["key"]

@@ -79,24 +79,50 @@ def _imported(ckpt: Path) -> dict | None:
     return json.loads((ckpt / "config.json").read_text()).get("imported")
 
 
-def _no_position(imported: dict | None, state, recipe) -> str | None:
-    """Why memorization cannot be measured for an imported checkpoint, or None. Its samples are those the
-    recipe's data order placed before the checkpoint's position, which only a checkpoint trained with this
-    recipe has (an import of a crystal-lm release of it carries the recipe's fingerprint)."""
-    if imported is None or state.recipe_fingerprint == recipe.fingerprint():
+def _recorded_run_recipe(ckpt: Path) -> dict | None:
+    """The recipe recorded by the run folder a crystal-lm checkpoint sits in (RUN/checkpoints/NAME), if any."""
+    record = ckpt.parent.parent / "recipe.json"
+    if ckpt.parent.name != "checkpoints" or not record.is_file():
         return None
-    # A release of a run of this recipe, perhaps trained by another version (a key added since changes the
-    # fingerprint, not the recipe): the release's recorded recipe decides, as on resume.
-    if isinstance(imported.get("recipe"), dict) and not recipe.differences(imported["recipe"]):
+    recorded = json.loads(record.read_text()).get("recipe")
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _no_position(ckpt: Path, imported: dict | None, state, recipe) -> str | None:
+    """Why memorization cannot be measured for a checkpoint, or None. Its samples are those the recipe's data
+    order placed before the checkpoint's position, which only a checkpoint trained with this recipe has: one
+    whose state records the recipe's fingerprint, or whose recorded recipe (its run folder's recipe.json; an
+    import's, of a crystal-lm release) does not differ from it -- a key added since changes the fingerprint,
+    not the recipe -- decided as on resume."""
+    if state.recipe_fingerprint == recipe.fingerprint():
         return None
-    where = (
-        f"phase {imported['phase']}, step {imported['step']:,} of its own training"
-        if imported.get("phase") is not None
-        else "no known position"
-    )
+    recorded = imported.get("recipe") if imported is not None else _recorded_run_recipe(ckpt)
+    differ = recipe.differences(recorded) if isinstance(recorded, dict) else None
+    if differ == []:
+        return None
+    if imported is not None:
+        where = (
+            f"phase {imported['phase']}, step {imported['step']:,} of its own training"
+            if imported.get("phase") is not None
+            else "no known position"
+        )
+        return (
+            f"imported checkpoint ({where}): it has no position in this recipe's data order, so no sample is "
+            "known to have been trained on; memorization needs a checkpoint trained with the recipe"
+        )
+    if differ is None:
+        why = (
+            f"trained with recipe fingerprint {state.recipe_fingerprint or 'unknown'}, not this recipe's "
+            f"{recipe.fingerprint()}, and no recipe.json of its run next to it (RUN/checkpoints/{ckpt.name}) "
+            "shows whether that was only keys added since"
+        )
+    else:
+        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        why = f"its run's recipe ({ckpt.parent.parent / 'recipe.json'}) differs in {shown}"
     return (
-        f"imported checkpoint ({where}): it has no position in this recipe's data order, so no sample is "
-        "known to have been trained on; memorization needs a checkpoint trained with the recipe"
+        f"checkpoint of another recipe ({why}): it has no position in this recipe's data order, so no sample "
+        "is known to have been trained on; memorization needs a checkpoint trained with the recipe (evaluate "
+        "it with its own run's recipe)"
     )
 
 
@@ -207,10 +233,10 @@ def sweep(
                     "step": imported.get("step"),
                     "tokens": imported.get("tokens"),
                 }
-            # An imported checkpoint of another run has no trained samples in this recipe's order: its
-            # memorization record says so, under a key of its own (the same weights trained in this run,
-            # measured, must not find that record as theirs).
-            no_position = _no_position(imported, state, recipe)
+            # A checkpoint of another recipe (imported, or trained by another run) has no trained samples in
+            # this recipe's order: its memorization record says so, under a key of its own (the same weights
+            # trained in this run, measured, must not find that record as theirs).
+            no_position = _no_position(ckpt, imported, state, recipe) if "memorization" in tasks else None
             todo = {}
             for task in tasks:
                 shots = CRYSTAL_SHOTS.get(task, 0)
