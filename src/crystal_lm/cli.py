@@ -680,8 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="greedy",
         help="code benchmarks: greedy pass@1, or Crystal's sampling (HumanEval T=0.2 n=20, MBPP T=0.1 n=16)",
     )
-    p.add_argument("--limit", type=_positive(int), help="documents / problems per task (default: all)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--limit",
+        type=_positive(int),
+        help="documents / problems per benchmark (default: all); val_loss and memorization read the recipe's data",
+    )
+    p.add_argument("--seed", type=int, default=1234, help="benchmarks' sampling and few-shot seed")
     p.add_argument("--store", help="results JSONL (default: RUN_DIR/eval/results.jsonl)")
     p.add_argument("--recipe", help="recipe for val_loss (default: the run folder's)")
     p.add_argument("--cache-dir", help="override data.cache_dir")

@@ -250,3 +250,30 @@ def test_memorization_of_a_checkpoint_of_another_recipe_says_why_there_is_no_sco
     (measured,) = sweep([older], ["memorization"], store, recipe=recipe, log=lambda m: None)
     assert measured["metrics"]["score"] is not None and measured["metrics"]["n"] > 0
     assert measured["key"] != record["key"]
+
+
+def test_limit_and_seed_are_not_part_of_the_data_tasks_key(trained_run, tmp_path):
+    """val_loss and memorization read the recipe's data whatever --limit and --seed say: their records hold
+    limit and seed null and another --limit or --seed finds them (each limit recomputed the same value under a
+    key of its own). A record an earlier version stored with the limit in its key is still found with it."""
+    import json
+
+    from crystal_lm.eval.sweep import record_key
+
+    recipe, run_dir, _ = trained_run
+    ckpt = [run_dir / "checkpoints" / "phase1_checkpoint_000003"]
+    store = tmp_path / "r.jsonl"
+    logged: list[str] = []
+    first = sweep(ckpt, ["val_loss", "memorization"], store, limit=2, recipe=recipe, log=logged.append)
+    assert [(r["limit"], r["seed"]) for r in first] == [(None, None), (None, None)]
+    assert any("--limit" in m and "val_loss, memorization" in m for m in logged), logged
+    again = sweep(
+        ckpt, ["val_loss", "memorization"], store, limit=3, seed=7, recipe=recipe, log=lambda m: None
+    )
+    assert again == first and len(read_jsonl(store)) == 2  # found, not computed again
+    # An earlier version's record: the limit and seed in its key and fields.
+    old = dict(first[0], limit=5, seed=1234)
+    old["key"] = record_key(old["weights"], "val_loss", 0, 1234, 5, old["data"], "")
+    store.write_text(json.dumps(old) + "\n")
+    (found,) = sweep(ckpt, ["val_loss"], store, limit=5, recipe=recipe, log=lambda m: None)
+    assert found == old and len(read_jsonl(store)) == 1

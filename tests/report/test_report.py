@@ -119,3 +119,30 @@ def test_a_store_of_imported_branches_is_reported_in_training_order(trained_run,
     assert "## Validation loss" in text and text.index("| c |") < text.index("| a |")
     with pytest.raises(FileNotFoundError, match=r"nor a sweep store \(no eval/results\.jsonl"):
         write_report(tmp_path / "hf")
+
+
+def test_a_store_lists_each_checkpoints_validation_loss_once(trained_run, tmp_path):
+    """Records an earlier version stored for reruns with other --limit values (val_loss ignored the limit, and
+    each got a key of its own) are one value: the store report lists each checkpoint's validation loss once,
+    and memorization with and without a limit is one setting, not one left out."""
+    import json
+
+    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.report.report import select_series
+
+    recipe, run_dir, _ = trained_run
+    folder = tmp_path / "store-only"
+    store = folder / "eval" / "results.jsonl"
+    store.parent.mkdir(parents=True)
+    ckpts = [run_dir / "checkpoints" / n for n in ("phase1_checkpoint_000003", "phase3_checkpoint_000004")]
+    records = sweep(ckpts, ["val_loss", "memorization"], store, recipe=recipe, log=lambda m: None)
+    earlier = [
+        dict(r, key=f"old-{r['key']}-{limit}", limit=limit, seed=1234) for r in records for limit in (3, 5)
+    ]
+    with open(store, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in earlier)
+    text = write_report(folder).read_text()
+    table = text.split("## Validation loss")[1].split("\n\n")[1].splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {c.name}" for c in ckpts]
+    _, described, omitted = select_series(read_jsonl(store))
+    assert "memorization" in described and omitted == []

@@ -1,8 +1,10 @@
 """Sweeps: evaluate every checkpoint of a run (or given checkpoint folders) on a list of tasks.
 
 Each result is stored as one JSONL record keyed by (checkpoint weights hash, task, shots, seed, limit,
-settings, data hash; for the data tasks also the recipe settings that change the value); a sweep skips keys already in the store, so running it again after an interruption, or with more
-checkpoints or tasks, does only the missing work. Tasks:
+settings, data hash; for the data tasks also the recipe settings that change the value); a sweep skips keys
+already in the store, so running it again after an interruption, or with more checkpoints or tasks, does only
+the missing work. `limit` and `seed` apply to the benchmarks only: the data tasks read what the recipe says
+(`data.val_max_samples` windows, its probes), so their records hold both as null. Tasks:
 
 - `val_loss`: held-out loss per source and domain (needs the run's recipe and data);
 - the language benchmarks of `crystal_lm.eval.language` (through lm-eval, offline);
@@ -203,6 +205,8 @@ def sweep(
     if code_settings not in ("greedy", "crystal"):
         raise BenchmarkError(f"code settings must be 'greedy' or 'crystal', not {code_settings!r}")
     needs_data = [t for t in tasks if t in NEEDS_DATA]
+    if needs_data and limit is not None:
+        log(f"--limit {limit} applies to the benchmarks, not to {', '.join(needs_data)} (the recipe's data)")
     if needs_data:
         if recipe is None:
             raise BenchmarkError(
@@ -244,11 +248,16 @@ def sweep(
                 if task == "memorization" and no_position:
                     settings = "no-position"
                 data_hash = _data_hash(task, data_manifest, _task_settings(task, recipe))
-                key = record_key(weights, task, shots, seed, limit, data_hash, settings)
+                task_limit, task_seed = (None, None) if task in NEEDS_DATA else (limit, seed)
+                key = record_key(weights, task, shots, task_seed, task_limit, data_hash, settings)
+                if key not in done and task in NEEDS_DATA:
+                    # A store of an earlier version: it keyed this with the limit and seed it ignored.
+                    legacy = record_key(weights, task, shots, seed, limit, data_hash, settings)
+                    key = legacy if legacy in done else key
                 if key in done:
                     records.append(done[key])
                 else:
-                    todo[task] = (key, shots, data_hash)
+                    todo[task] = (key, shots, data_hash, task_limit, task_seed)
             if not todo:
                 log(f"{ckpt.name}: all {len(tasks)} tasks already in {store.name}")
                 continue
@@ -278,7 +287,7 @@ def sweep(
                 position=position,
                 todo=todo,
             ) -> None:
-                key, shots, data_hash = todo[task]
+                key, shots, data_hash, task_limit, task_seed = todo[task]
                 record = {
                     "key": key,
                     "checkpoint": ckpt.name,
@@ -286,8 +295,8 @@ def sweep(
                     **position,
                     "task": task,
                     "shots": shots,
-                    "seed": seed,
-                    "limit": limit,
+                    "seed": task_seed,
+                    "limit": task_limit,
                     "data": data_hash,
                     "settings": code_settings if task in CODE_TASKS else None,
                     "metrics": metrics,

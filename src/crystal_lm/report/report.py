@@ -146,8 +146,14 @@ def headline(task: str, metrics: dict) -> float | None:
     return headline_metric(task, metrics)[1]
 
 
+DATA_TASKS = ("val_loss", "memorization")
+
+
 def _setting(r: dict) -> tuple:
-    """What, besides the checkpoint, decides a record's value: shots, item limit, code sampling, seed, data."""
+    """What, besides the checkpoint, decides a record's value: shots, item limit, code sampling, seed, data.
+    The data tasks read the recipe's data whatever the limit and seed (records of earlier versions hold them)."""
+    if r["task"] in DATA_TASKS:
+        return (r.get("shots"), None, r.get("settings"), None, r.get("data"))
     return (r.get("shots"), r.get("limit"), r.get("settings"), r.get("seed"), r.get("data"))
 
 
@@ -161,13 +167,15 @@ def describe_setting(r: dict) -> str:
     return ", ".join(parts)
 
 
-def select_series(results: list[dict]) -> tuple[list[dict], dict[str, str], list[str]]:
-    """One setting per task, so a column, a curve or an average never mixes scores of different settings:
-    the setting that covers the most checkpoints (ties: the one written last). Returns its records, each
-    task's setting in words, and a line for each setting left out."""
+def select_series(
+    results: list[dict], skip: tuple[str, ...] = ("val_loss",)
+) -> tuple[list[dict], dict[str, str], list[str]]:
+    """One setting per task (but those in `skip`), so a column, a curve or an average never mixes scores of
+    different settings: the setting that covers the most checkpoints (ties: the one written last). Returns its
+    records, each task's setting in words, and a line for each setting left out."""
     groups: dict[str, dict[tuple, list[tuple[int, dict]]]] = {}
     for i, r in enumerate(results):
-        if r["task"] != "val_loss":
+        if r["task"] not in skip:
             groups.setdefault(r["task"], {}).setdefault(_setting(r), []).append((i, r))
     chosen: list[tuple[int, dict]] = []
     described: dict[str, str] = {}
@@ -479,7 +487,9 @@ def write_store_report(folder: Path) -> Path:
         "",
         *analysis_section(folder, []),
     ]
-    val = [r for r in results if r["task"] == "val_loss"]
+    # One row per checkpoint: one setting (data), and of a checkpoint's records in it the latest.
+    chosen, _, val_omitted = select_series([r for r in results if r["task"] == "val_loss"], skip=())
+    val = list({r["weights"]: r for r in chosen}.values())
     if val:
         order = _order([_position(r) for r in val])
         val.sort(key=lambda r: order(_position(r)))
@@ -495,6 +505,8 @@ def write_store_report(folder: Path) -> Path:
             for r in val
         ]
         lines.append("")
+        if val_omitted:
+            lines += [f"Left out of the table (another setting than its own): {'; '.join(val_omitted)}.", ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
