@@ -481,7 +481,7 @@ def cmd_eval_code(args: argparse.Namespace) -> int:
             f.writelines(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in completions)
         print(f"completions: {written}", file=sys.stderr)
     else:
-        completions = read_completions(args.completions)
+        completions = read_completions(args.completions, args.benchmark)
     result = score(args.benchmark, completions, timeout_s=args.timeout, workers=args.workers)
     out.write_text(json.dumps(result, indent=1) + "\n")
     ks = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@"))

@@ -89,3 +89,23 @@ def test_samples_per_task_and_bad_input(tmp_path):
     bad.write_text(json.dumps({"task_id": "HumanEval/0"}) + "\n")
     with pytest.raises(BenchmarkError, match=r"c\.jsonl:1: need a JSON object"):
         read_completions(bad)
+
+
+def test_a_completion_that_is_not_text_or_of_an_unknown_task_names_file_and_line(tmp_path):
+    """`"completion": null` was scored as the program text "None"; an unknown task_id named neither file nor
+    line."""
+    first = load_benchmark("humaneval")[0]
+    good = {"task_id": first.task_id, "completion": first.canonical}
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(
+        json.dumps(good) + "\n" + json.dumps({"task_id": first.task_id, "completion": None}) + "\n"
+    )
+    with pytest.raises(BenchmarkError, match=r"c\.jsonl:2: .*completion.* is null, not a string"):
+        read_completions(bad)
+    bad.write_text(
+        json.dumps(good) + "\n\n" + json.dumps({"task_id": "HumanEval/9999", "completion": "x"}) + "\n"
+    )
+    with pytest.raises(
+        BenchmarkError, match=r"c\.jsonl:3: task_id 'HumanEval/9999' is not a humaneval problem"
+    ):
+        read_completions(bad, "humaneval")

@@ -189,9 +189,11 @@ def score(
     return out
 
 
-def read_completions(path: str | Path) -> list[tuple[str, str]]:
-    """`task_id` and `completion` per JSONL line; errors name the file and line."""
+def read_completions(path: str | Path, benchmark: str | None = None) -> list[tuple[str, str]]:
+    """`task_id` and `completion` (strings) per JSONL line, task ids of `benchmark` when it is given; errors name
+    the file and line."""
     path = Path(path)
+    known = {t.task_id for t in load_benchmark(benchmark)} if benchmark else None
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -199,12 +201,22 @@ def read_completions(path: str | Path) -> list[tuple[str, str]]:
                 continue
             try:
                 record = json.loads(line)
-                out.append((str(record["task_id"]), str(record["completion"])))
+                task_id, completion = record["task_id"], record["completion"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise BenchmarkError(
                     f"{path}:{lineno}: need a JSON object with task_id and completion "
                     f"({exc.__class__.__name__}: {exc})"
                 ) from None
+            for key, value in (("task_id", task_id), ("completion", completion)):
+                if not isinstance(value, str):  # str() would score null as the program text "None"
+                    shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+                    raise BenchmarkError(f"{path}:{lineno}: {key} is {shown}, not a string")
+            if known is not None and task_id not in known:
+                raise BenchmarkError(
+                    f"{path}:{lineno}: task_id {task_id!r} is not a {benchmark} problem "
+                    f"(its ids look like {next(iter(known))!r})"
+                )
+            out.append((task_id, completion))
     if not out:
         raise BenchmarkError(f"{path}: no completions")
     return out
