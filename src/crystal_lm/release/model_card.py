@@ -192,7 +192,8 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
         for t in tasks:
             name, value = headline_metric(t, final_records[t]["metrics"])
             if value is not None:
-                lines.append(f"| {t} | {describe_setting(final_records[t])} | {name} | {value:.3f} |")
+                setting = describe_setting(final_records[t], [r for r in results if r["task"] == t])
+                lines.append(f"| {t} | {setting} | {name} | {value:.3f} |")
         lines += ["", "Every checkpoint's scores: `eval/results.jsonl`; the table in `report/report.md`.", ""]
     else:
         lines += ["No benchmark sweep was run before release (`crystal eval RUN_DIR --tasks ...`).", ""]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +157,33 @@ def _setting(r: dict) -> tuple:
     return (r.get("shots"), r.get("limit"), r.get("settings"), r.get("seed"), r.get("data"))
 
 
-def describe_setting(r: dict) -> str:
-    """A record's setting in words, e.g. `first 30 items, 25-shot` or `all items, 0-shot, crystal sampling`."""
-    parts = ["all items" if r.get("limit") is None else f"first {r['limit']} items"]
+def describe_setting(r: dict, among: Iterable[dict] = ()) -> str:
+    """A record's setting in words, e.g. `first 30 items, 25-shot` or `all items, 0-shot, crystal sampling`. Its
+    seed and data are named where a record in `among` (the task's other settings) reads the same without them
+    (`first 2 items, 0-shot, seed 7`)."""
+    described = _describe(r)
+    same = [o for o in among if _setting(o) != _setting(r) and _describe(o) == described]
+    extra = []
+    if any(o.get("seed") != r.get("seed") for o in same):
+        extra.append(f"seed {r.get('seed')}")
+    if any(o.get("data") != r.get("data") for o in same):
+        data = str(r.get("data"))
+        is_hash = len(data) == 16 and all(c in "0123456789abcdef" for c in data)
+        extra.append(f"data hash {data[:8]}" if is_hash else f"data {data}")
+    return ", ".join([described, *extra])
+
+
+def _describe(r: dict) -> str:
+    """Limit, shots and code sampling in words (MMLU's limit is per subject, as lm-eval applies it)."""
+    if r.get("limit") is None or r["task"] in DATA_TASKS:
+        parts = ["all items"]
+    elif r["task"] == "mmlu":
+        subjects = r.get("metrics", {}).get("subjects")
+        parts = [
+            f"first {r['limit']} items " + (f"of each of {subjects} subjects" if subjects else "per subject")
+        ]
+    else:
+        parts = [f"first {r['limit']} items"]
     if r["task"] not in CODE_TASKS and r["task"] != "memorization":
         parts.append(f"{r.get('shots', 0)}-shot")
     if r.get("settings"):
@@ -187,11 +211,12 @@ def select_series(
             return len({r["weights"] for _, r in recs}), max(i for i, _ in recs)
 
         ordered = sorted(by_setting.items(), key=rank, reverse=True)
+        settings = [recs[0][1] for _, recs in ordered]  # one record of each setting, the chosen one first
         chosen += ordered[0][1]
-        described[task] = describe_setting(ordered[0][1][0][1])
-        for _, recs in ordered[1:]:
+        described[task] = describe_setting(settings[0], settings)
+        for (_, recs), first in zip(ordered[1:], settings[1:], strict=True):
             n = len({r["weights"] for _, r in recs})
-            omitted.append(f"{task} ({describe_setting(recs[0][1])}; {n} checkpoint{'s' * (n != 1)})")
+            omitted.append(f"{task} ({describe_setting(first, settings)}; {n} checkpoint{'s' * (n != 1)})")
     return [r for _, r in sorted(chosen, key=lambda x: x[0])], described, omitted
 
 
