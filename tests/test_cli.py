@@ -379,3 +379,46 @@ def test_data_order_of_a_run_refuses_data_changed_since_it_trained(
     assert (
         crystal_here("data", "order", str(recipe.source_file), "--stage", "1", "--count", "8").returncode == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval-lm", "CKPT", "--batch-size", "0"], "argument --batch-size: '0' must be positive"),
+        (["eval-lm", "CKPT", "--batch-size", "-1"], "argument --batch-size: '-1' must be positive"),
+        (["eval-lm", "CKPT", "--shots", "arc_easy=x"], "argument --shots: 'x' (arc_easy) is not an integer"),
+        (
+            ["eval-lm", "CKPT", "--shots", "arc_easy=-1"],
+            "argument --shots: '-1' (arc_easy) must be at least 0",
+        ),
+        (["eval-lm", "CKPT", "--shots", "arc_easy"], "argument --shots: 'arc_easy' is not NAME=SHOTS"),
+        (
+            ["eval-lm", "CKPT", "--shots", "foo=1"],
+            "argument --shots: unknown benchmark 'foo' (known: arc_challenge",
+        ),
+        (
+            ["eval-code", "humaneval", "--completions", "c.jsonl", "--workers", "-1"],
+            "argument --workers: '-1'",
+        ),
+        (["eval-code", "humaneval", "--completions", "c.jsonl", "--workers", "0"], "argument --workers: '0'"),
+    ],
+)
+def test_bad_eval_option_values_are_errors_naming_the_option(args, message, tmp_path, crystal_here):
+    """--batch-size 0 failed deep in the harness ("range() arg 3 must not be zero") and -1 ran with 8; a
+    non-number in --shots was a bare int() error and an unknown benchmark was ignored; --workers -1 failed as
+    "max_workers must be greater than 0". Each is now argparse's error, naming the option."""
+    out = crystal_here(*args, "--out", str(tmp_path / "r.json"))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_the_harness_refuses_a_batch_size_below_one(trained_run):
+    """The lm-eval model itself (reachable without the CLI: `model_args="batch_size=..."`) refuses one, rather
+    than running with 8."""
+    from crystal_lm.eval.harness import CrystalLM
+
+    _, run_dir, _ = trained_run
+    ckpt = str(run_dir / "checkpoints" / "phase1_checkpoint_000003")
+    assert CrystalLM(ckpt, batch_size="3").batch_size == 3
+    for bad in ("0", "-1", "auto"):
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, not '{bad}'"):
+            CrystalLM(ckpt, batch_size=bad)

@@ -501,11 +501,8 @@ def cmd_eval_code(args: argparse.Namespace) -> int:
 def cmd_eval_lm(args: argparse.Namespace) -> int:
     from crystal_lm.eval.language import evaluate_language
 
-    shots = (
-        {k: int(v) for k, v in (item.split("=") for item in args.shots.split(","))} if args.shots else None
-    )
     result = evaluate_language(
-        args.checkpoint, args.tasks.split(","), limit=args.limit, shots=shots, batch_size=args.batch_size
+        args.checkpoint, args.tasks.split(","), limit=args.limit, shots=args.shots, batch_size=args.batch_size
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -613,6 +610,30 @@ def _positive(kind: type, at_most: float = math.inf) -> Callable[[str], Any]:
 
 def _non_negative(kind: type) -> Callable[[str], Any]:
     return _bounded(kind, strict=False)
+
+
+def _shot_counts(text: str) -> dict[str, int]:
+    """An argparse type: `NAME=SHOTS,...` for language benchmarks, each count an integer of at least 0."""
+    from crystal_lm.eval.language import LANGUAGE_BENCHMARKS
+
+    counts = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=SHOTS (e.g. mmlu=0,hellaswag=0)")
+        if name not in LANGUAGE_BENCHMARKS:
+            raise argparse.ArgumentTypeError(
+                f"unknown benchmark {name!r} (known: {', '.join(LANGUAGE_BENCHMARKS)})"
+            )
+        value = value.strip()
+        try:
+            counts[name] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} ({name}) is not an integer") from None
+        if counts[name] < 0:
+            raise argparse.ArgumentTypeError(f"{value!r} ({name}) must be at least 0")
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -791,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON (pass@k and per-task results)")
     p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per program")
-    p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")
+    p.add_argument("--workers", type=_positive(int), help="programs run at once (default: one per core)")
     p.set_defaults(func=cmd_eval_code)
 
     p = sub.add_parser("eval-lm", help="language benchmarks through lm-evaluation-harness, offline")
@@ -802,8 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit", type=_positive(int), help="documents per task, MMLU: per subject (default: all)"
     )
-    p.add_argument("--shots", help="override Crystal's shot counts, e.g. mmlu=0,hellaswag=0")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--shots", type=_shot_counts, help="override Crystal's shot counts, e.g. mmlu=0,hellaswag=0"
+    )
+    p.add_argument("--batch-size", type=_positive(int), default=16)
     p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_eval_lm)
 

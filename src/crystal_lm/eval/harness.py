@@ -47,7 +47,9 @@ class CrystalLM(TemplateLM):
         self.tok = tok
         self._device = device
         self._max_length = int(max_length or model.cfg.max_seq_len)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        if not str(batch_size).isdigit() or int(batch_size) < 1:  # lm-eval's "auto" is not supported either
+            raise ValueError(f"crystal model: batch_size must be a positive integer, not {str(batch_size)!r}")
+        self.batch_size = int(batch_size)
 
     @property
     def eot_token_id(self) -> int:
