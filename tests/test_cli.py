@@ -422,3 +422,30 @@ def test_the_harness_refuses_a_batch_size_below_one(trained_run):
     for bad in ("0", "-1", "auto"):
         with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, not '{bad}'"):
             CrystalLM(ckpt, batch_size=bad)
+
+
+def test_eval_names_a_target_that_is_no_run_or_checkpoint_before_asking_for_a_store(tmp_path, crystal_here):
+    """An empty folder was first 'not inside a run folder; pass --store RESULTS.jsonl', and only with --store
+    'neither a run folder nor a checkpoint folder'."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for store in ([], ["--store", str(tmp_path / "r.jsonl")]):
+        out = crystal_here("eval", str(empty), "--tasks", "humaneval", *store)
+        assert out.returncode == 2 and f"{empty}: neither a run folder nor a checkpoint folder" in out.stderr
+        assert "--store" not in out.stderr
+
+
+def test_eval_task_lists_ignore_empty_names(trained_run, tmp_path, crystal_here):
+    """`--tasks val_loss,` (a trailing comma) was refused as 'unknown task(s) ; known: ...'; a list with no name
+    at all names the option."""
+    _, run_dir, _ = trained_run
+    ckpt = str(run_dir / "checkpoints" / "phase1_checkpoint_000003")
+    store = str(tmp_path / "r.jsonl")
+    out = crystal_here("eval", ckpt, "--tasks", "val_loss,", "--store", store, "--json")
+    assert out.returncode == 0, out.stderr
+    assert [r["task"] for r in json.loads(out.stdout)] == ["val_loss"]
+    out = crystal_here("eval", ckpt, "--tasks", " arc_easy, ,bogus", "--store", store)
+    assert out.returncode == 2 and "unknown task(s) bogus; known:" in out.stderr
+    for command in (["eval", ckpt, "--store", store], ["eval-lm", ckpt, "--out", store]):
+        out = crystal_here(*command, "--tasks", " , ")
+        assert out.returncode == 2 and "argument --tasks: no task named in ' , '" in out.stderr, out.stderr

@@ -283,15 +283,15 @@ def _run_dir_of(target: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crystal_lm.eval.sweep import check_target, sweep
+    from crystal_lm.eval.sweep import checkpoints_of, sweep
 
     targets = [Path(t) for t in args.targets]
     for t in targets:
         if not t.exists():
             raise FileNotFoundError(f"{t}: does not exist (give a run folder or a checkpoint folder)")
-        check_target(t)
+    checkpoints_of(targets)  # each a run or checkpoint folder, before what else is needed (--store) is asked
     run_dir = _run_dir_of(targets[0])
-    tasks = args.tasks.split(",")
+    tasks = args.tasks
     recipe = None
     if args.recipe:
         recipe = _recipe(args.recipe, args.cache_dir)
@@ -502,7 +502,7 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     from crystal_lm.eval.language import evaluate_language
 
     result = evaluate_language(
-        args.checkpoint, args.tasks.split(","), limit=args.limit, shots=args.shots, batch_size=args.batch_size
+        args.checkpoint, args.tasks, limit=args.limit, shots=args.shots, batch_size=args.batch_size
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -612,6 +612,14 @@ def _non_negative(kind: type) -> Callable[[str], Any]:
     return _bounded(kind, strict=False)
 
 
+def _names(text: str) -> list[str]:
+    """An argparse type: comma-separated names, spaces and empty names (`a,b,`) left out; at least one."""
+    names = [name for name in (part.strip() for part in text.split(",")) if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task named in {text!r}")
+    return names
+
+
 def _shot_counts(text: str) -> dict[str, int]:
     """An argparse type: `NAME=SHOTS,...` for language benchmarks, each count an integer of at least 0."""
     from crystal_lm.eval.language import LANGUAGE_BENCHMARKS
@@ -697,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+", help="run folders and/or checkpoint folders")
     p.add_argument(
         "--tasks",
+        type=_names,
         default="val_loss",
         help="comma-separated: val_loss, memorization, language benchmarks (arc_easy, mmlu, ...), "
         "humaneval, mbpp, humaneval-infill-single, humaneval-infill-multi",
@@ -818,7 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-lm", help="language benchmarks through lm-evaluation-harness, offline")
     p.add_argument("checkpoint")
     p.add_argument(
-        "--tasks", default="arc_challenge,arc_easy,hellaswag,winogrande,piqa,boolq,openbookqa,mmlu,gsm8k"
+        "--tasks",
+        type=_names,
+        default="arc_challenge,arc_easy,hellaswag,winogrande,piqa,boolq,openbookqa,mmlu,gsm8k",
     )
     p.add_argument(
         "--limit", type=_positive(int), help="documents per task, MMLU: per subject (default: all)"
