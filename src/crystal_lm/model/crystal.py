@@ -127,12 +127,22 @@ class SwiGLU(nn.Module):
         return self.c_proj(self.c_fc(x) * F.silu(self.c_fc2(x)))
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in its input's precision, whatever precision its weights are held in: the residual stream
+    stays fp32 when a block's weights are bf16 (FSDP2 gathering them in bf16), as it does under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps
+        )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_1 = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg, layer_idx)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, rope, cache=None, mask=None) -> torch.Tensor:

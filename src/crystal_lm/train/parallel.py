@@ -103,15 +103,22 @@ def parallelize(model: CrystalModel, cfg: TrainConfig, world: World) -> nn.Modul
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(world.device.split(":")[0], (world.world_size,))
-        policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, reduce_dtype=torch.float32
+        # Under bf16 the blocks' weights are gathered in bf16 (half the traffic and memory), but their inputs
+        # are not cast: autocast computes as it does without sharding, LayerNorms and the residual stream in
+        # fp32. The root (embedding = tied head, final norm) keeps fp32 weights, so the residual stream
+        # starts in fp32 too. Results then agree with DDP and one process to bf16 rounding of the blocks'
+        # LayerNorm weights, instead of carrying a bf16 residual stream.
+        block_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+            reduce_dtype=torch.float32,
+            cast_forward_inputs=False,
         )
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        # The root holds the embedding (= tied head) and final norm. It reshards after forward too, so the
-        # registered parameters are always the sharded ones (an optimizer made after an evaluation pass
-        # must hold those, not the transient unsharded tensors).
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+        # The root reshards after forward too, so the registered parameters are always the sharded ones (an
+        # optimizer made after an evaluation pass must hold those, not the transient unsharded tensors).
+        root_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=True)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
