@@ -151,7 +151,7 @@ def measure(step, shape: tuple, device: str, batch: int, warmup: int, steps: int
 
 
 def plan_check(shape: tuple, batch: int, compiled: bool, measured: dict) -> dict:
-    """`crystal plan`'s estimate for this run (one GPU, DDP layout, no activation checkpointing) against the
+    """`crystal plan`'s estimate for this run (one GPU, unsharded, no activation checkpointing) against the
     memory measured: its model states + activations + loss chunk against our peak allocated bytes, and its
     total (with the fixed 2 GiB for context and slack) against that peak plus the CUDA context and the
     allocator's reserve, which is what `nvidia-smi` shows."""
@@ -172,7 +172,7 @@ def plan_check(shape: tuple, batch: int, compiled: bool, measured: dict) -> dict
         raw["train"] |= {"batch_size": batch, "precision": "bf16", "compile": compiled}
 
     recipe = tiny_recipe(edit)
-    layout = next(lay for lay in plan(recipe, gpus=1, gpu_memory_gib=80) if lay.name == "DDP")
+    layout = next(lay for lay in plan(recipe, gpus=1, gpu_memory_gib=80) if lay.name == "one GPU")
     planned_total, planned_body = layout.memory_gib, layout.memory_gib - OVERHEAD_BYTES / GIB
     peak, seen = measured["peak_mem_gib"], measured["device_used_gib"]
     return {

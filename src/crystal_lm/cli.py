@@ -349,8 +349,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{args.recipe}: not possible on {args.gpus} GPU(s), training would refuse it: {exc}"
         ) from None
     layouts = plan(recipe, args.gpus, args.gpu_memory, args.micro_batch, args.peak_tflops, args.mfu)
+    bound = args.micro_batch or recipe.train.micro_batch_size
     print(
-        f"{recipe.name}: {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, micro-batch {micro} × "
+        f"{recipe.name}: {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, micro-batch {micro}"
+        + (f" (the largest up to {bound} that splits a GPU's share)" if bound and bound != micro else "")
+        + " × "
         f"{recipe.data.seq_len} per GPU, global batch {recipe.train.batch_size}; step time at {args.mfu:.0%} "
         f"MFU of {args.peak_tflops:g} TFLOP/s; activations {recipe.train.precision}, "
         f"{'compiled per block' if recipe.train.compile else 'eager'} (train.precision, train.compile)"
@@ -361,7 +364,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{lay.name:<38} {lay.memory_gib:>8.1f} {lay.states_gib:>8.1f} {lay.activations_gib:>8.1f} "
             f"{lay.step_s:>8.2f} {lay.tokens_per_s_per_gpu:>10,.0f}  {'yes' if lay.fits else 'no'}"
         )
-    best = next((lay for lay in layouts if lay.fits), None)
+    best = min((lay for lay in layouts if lay.fits), key=lambda lay: lay.step_s, default=None)
     print(
         f"fastest layout that fits: {best.name}"
         if best

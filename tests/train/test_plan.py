@@ -64,3 +64,69 @@ def test_a_layout_training_would_refuse_is_not_planned():
     assert process_micro_batch(16, 3, 4) == 2
     assert process_micro_batch(8, 8, 2) == 4
     assert [process_micro_batch(2112, 66, n) for n in (1, 6, 64, 96)] == [66, 44, 33, 22]
+
+
+def test_one_gpu_is_planned_unsharded_and_the_verdict_is_the_fastest_that_fits():
+    """One GPU listed FSDP2 layouts, which training never uses alone; the verdict named the first layout
+    that fit (DDP + checkpointing) although FSDP2 fit and was a third faster by the plan's own figures."""
+    from crystal_lm.cli import main
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"))
+    assert [lay.name for lay in plan(recipe, gpus=1, gpu_memory_gib=80)] == [
+        "one GPU",
+        "one GPU + activation checkpointing",
+    ]
+    layouts = plan(recipe, gpus=2, gpu_memory_gib=80)
+    fastest = min(layouts, key=lambda lay: lay.step_s)
+    assert fastest.fits and fastest.name in ("DDP", "FSDP2")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["plan", str(REPO / "recipes" / "tiny.yaml"), "--gpus", "2", "--gpu-memory", "80"]) == 0
+    assert out.getvalue().strip().endswith(f"fastest layout that fits: {fastest.name}")
+
+
+def test_checkpointing_keeps_only_the_rebuilt_blocks_bf16_weight_copies():
+    """Under activation checkpointing autocast's bf16 weight copies are not kept from forward to backward
+    (a block's are rebuilt with it): the plan counted 2 bytes per parameter anyway, 12 GiB for the 7B."""
+    recipe = load_recipe(str(REPO / "recipes" / "crystal-7b.yaml"))
+    recipe.train.precision = "bf16"
+    # A micro-batch whose activations outweigh the gradients, so the peak is the start of backward.
+    one = {lay.name: lay for lay in plan(recipe, gpus=1, gpu_memory_gib=80, micro_batch=24)}
+    plain, ckpt = one["one GPU"], one["one GPU + activation checkpointing"]
+    m = recipe.model
+    n_params = 6_575_278_720
+    block = (n_params - m.vocab_size * m.d_model - 2 * m.d_model) // m.n_layers  # wte and ln_f aside
+    saved_copies = 2 * n_params - 2 * (block + m.vocab_size * m.d_model)
+    saved_acts = (plain.activations_gib - ckpt.activations_gib) * GIB
+    assert (plain.memory_gib - ckpt.memory_gib) * GIB == pytest.approx(saved_copies + saved_acts, rel=1e-6)
+
+
+def test_the_recipe_takes_micro_batch_size_as_a_bound_as_training_does(recipe_dict):
+    """`micro_batch_size: 3` with a batch of 4 was refused by the recipe (it must divide the batch), though
+    training and `plan` take it as a bound (3 → 2 here)."""
+    from crystal_lm.config import RecipeError, recipe_from_dict
+    from crystal_lm.train.parallel import process_micro_batch
+
+    recipe_dict["train"]["micro_batch_size"] = 3
+    recipe = recipe_from_dict(recipe_dict)
+    assert process_micro_batch(recipe.train.batch_size, recipe.train.micro_batch_size, 1) == 2
+    recipe_dict["train"]["micro_batch_size"] = 0
+    with pytest.raises(RecipeError, match=r"train\.micro_batch_size: 0 must be positive"):
+        recipe_from_dict(recipe_dict)
+
+
+def test_the_gpu_benchmark_finds_the_layout_it_compares_with(monkeypatch):
+    """benchmarks/train_throughput.py compares the measured peak of a one-GPU run with the plan's one-GPU
+    layout; it runs only on a lent GPU, so a renamed layout would first fail there."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("train_throughput", None)
+    import train_throughput
+
+    check = train_throughput.plan_check(
+        train_throughput.SHAPES["1.3b"], 8, True, {"peak_mem_gib": 40.0, "device_used_gib": 44.0}
+    )
+    assert check["layout"] == "one GPU" and 30 < check["planned_gib"] < 60

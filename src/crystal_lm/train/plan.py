@@ -3,10 +3,11 @@
 Memory per GPU at its peak, the start of backward, or the optimizer step if that is higher:
 - model states: fp32 weights and AdamW's two fp32 moments (12 bytes per parameter) all the time, and fp32
   gradients (4) from backward to the optimizer step (all the time under DDP, whose all-reduce buckets hold
-  them); whole on every GPU under DDP, divided by the number of GPUs under FSDP2, plus the bf16 copy of the
-  largest unsharded block while it computes and the next one prefetched;
+  them); whole on every GPU under DDP, divided by the number of GPUs under FSDP2, plus the gathered (bf16
+  under autocast) block computing and the next one prefetched; one GPU is planned unsharded only;
 - under bf16 autocast without sharding, the bf16 copies of the weights (2 bytes per parameter), which
-  autograd keeps from forward to backward;
+  autograd keeps from forward to backward (with activation checkpointing, only the rebuilt block's and the
+  head's); under FSDP2 the root's fp32 embedding (= head) while it computes, and the head's bf16 copy;
 - activations: what autograd keeps per layer and token (bf16 autocast or fp32), measured on a block
   (`activation_bytes_per_token`; tests/train/test_plan.py checks both formulas against the saved tensors);
   with activation checkpointing only each block's fp32 input is kept, and one block is rebuilt at a time;
@@ -114,8 +115,10 @@ def plan(
     loss_bytes = 2 * 1024 * m.vocab_size * 4 + 4 * m.vocab_size * m.d_model
     flops_step = flops_per_token(n_params, m.n_layers, m.n_heads, m.head_dim, T) * B * T
     bf16 = recipe.train.precision == "bf16"
+    head_params = m.vocab_size * m.d_model  # the embedding, which is also the head
     out = []
-    for sharded in (False, True):
+    # One GPU trains unsharded whatever train.parallel says (parallelize leaves a single process alone).
+    for sharded in (False, True) if gpus > 1 else (False,):
         for ckpt in (False, True):
             shards = gpus if sharded else 1
             states = 16 * n_params / shards
@@ -123,9 +126,21 @@ def plan(
             grads = 4 * n_params / shards  # from backward to the optimizer step
             if not sharded and gpus > 1:  # DDP's all-reduce buckets hold the gradients all the time
                 held, grads = held + grads, 0
-            if sharded:  # bf16 gather of the block computing (and the next, prefetched)
-                held += 2 * 2 * block_params
-            weight_copies = 2 * n_params if bf16 and not sharded else 0  # autocast's, kept for backward
+            if sharded:
+                # The block computing and the next (prefetched), gathered in bf16 (fp32 without autocast);
+                # the root's fp32 embedding (= head) stays gathered through forward.
+                held += 2 * (2 if bf16 else 4) * block_params + 4 * head_params
+            # Autocast's bf16 weight copies, kept for backward: all of them unsharded; under checkpointing
+            # only the block being rebuilt keeps its own; under FSDP2 the blocks' weights are bf16 already.
+            # The head's copy is made outside the blocks in every layout.
+            if not bf16:
+                weight_copies = 0
+            elif sharded:
+                weight_copies = 2 * head_params
+            elif ckpt:
+                weight_copies = 2 * (block_params + head_params)
+            else:
+                weight_copies = 2 * n_params
             acts = (
                 activation_bytes_per_token(m.d_model, m.ffn_dim, m.n_layers, ckpt, recipe.train.compile, bf16)
                 * tokens_micro
@@ -134,7 +149,8 @@ def plan(
             step = flops_step * (4 / 3 if ckpt else 1) / (gpus * peak_tflops * 1e12 * mfu)
             out.append(
                 Layout(
-                    name=("FSDP2" if sharded else "DDP") + (" + activation checkpointing" if ckpt else ""),
+                    name=("FSDP2" if sharded else "DDP" if gpus > 1 else "one GPU")
+                    + (" + activation checkpointing" if ckpt else ""),
                     memory_gib=total / GIB,
                     states_gib=states / GIB,
                     activations_gib=acts / GIB,
