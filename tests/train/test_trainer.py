@@ -20,9 +20,11 @@ import torch
 from crystal_lm.config import load_recipe, recipe_from_dict
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.train.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     read_optimizer_state,
+    verify_checkpoint,
 )
 from crystal_lm.train.metrics import read_jsonl
 from crystal_lm.train.trainer import RunDirError, train
@@ -122,6 +124,43 @@ def test_damaged_newest_checkpoint_is_skipped(trained_run, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(copy_dir).name == "phase3_checkpoint_000002"
     assert "phase3_checkpoint_000004" in caplog.text and "checksum mismatch" in caplog.text
+
+
+def test_a_checkpoint_is_checked_for_what_every_one_holds_not_only_what_its_checksums_list(
+    trained_run, tmp_path, caplog
+):
+    """A checksums.json emptied (or cut short) let a truncated model pass, and training then crashed on it; a
+    mid-stage checkpoint without optimizer state was resumed with a fresh AdamW, silently."""
+    _, run_dir, _ = trained_run
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", root)
+    newest = root / "phase3_checkpoint_000004"
+    (newest / "checksums.json").write_text("{}")
+    (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"checksums\.json does not cover model\.safetensors"):
+        verify_checkpoint(newest)
+    mid = root / "phase3_checkpoint_000002"
+    sums = json.loads((mid / "checksums.json").read_text())
+    (mid / "checksums.json").write_text(json.dumps({k: v for k, v in sums.items() if "optimizer/" not in k}))
+    shutil.rmtree(mid / "optimizer")
+    verify_checkpoint(mid)  # still a whole model (eval and export may use it) ...
+    with caplog.at_level("WARNING"):  # ... but not one to resume from
+        assert latest_checkpoint(root, resumable=True).name == "phase2_checkpoint_000006"
+    assert "phase3_checkpoint_000002" in caplog.text and "no optimizer state" in caplog.text
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_not_trained_over(trained_run, tmp_path):
+    """With no checkpoint left to resume from, training started again from step 0, wrote over the damaged
+    checkpoints one by one and cut metrics.jsonl and eval.jsonl to the new run's few lines."""
+    recipe, run_dir, _ = trained_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    for ckpt in list_checkpoints(copy_dir / "checkpoints"):
+        (ckpt / "COMPLETE").unlink()
+    metrics = (copy_dir / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match="none of its checkpoints can be resumed from"):
+        train(recipe, copy_dir)
+    assert (copy_dir / "metrics.jsonl").read_text() == metrics
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -120,7 +120,13 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / "model.safetensors"))
 
 
-def verify_checkpoint(directory: Path) -> None:
+# What every checkpoint holds, whatever its checksums.json lists (a list cut short must not pass).
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.json")
+
+
+def verify_checkpoint(directory: Path, resumable: bool = False) -> None:
+    """Raise CheckpointError unless the folder is a complete checkpoint whose files match their checksums.
+    `resumable`: it must also hold optimizer state (training resumed from it would restart AdamW)."""
     directory = Path(directory)
     if not (directory / "COMPLETE").is_file():
         raise CheckpointError(f"{directory}: no COMPLETE marker (interrupted while saving)")
@@ -128,12 +134,19 @@ def verify_checkpoint(directory: Path) -> None:
         sums = json.loads((directory / "checksums.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{directory}: unreadable checksums.json ({exc})") from None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{directory}: checksums.json is not a mapping of file to sha256")
+    unlisted = [name for name in REQUIRED_FILES if name not in sums]
+    if unlisted:
+        raise CheckpointError(f"{directory}: checksums.json does not cover {', '.join(unlisted)}")
     for name, digest in sums.items():
         p = directory / name
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
         if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
+    if resumable and "optimizer/.metadata" not in sums and load_optimizer(directory).get("optimizer") is None:
+        raise CheckpointError(f"{directory}: no optimizer state (resuming from it would restart AdamW)")
 
 
 def checkpoint_position(path: Path) -> tuple[int, int] | None:
@@ -151,11 +164,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=checkpoint_position)  # type: ignore[arg-type]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+def latest_checkpoint(root: Path, resumable: bool = False) -> Path | None:
+    """The newest checkpoint that verifies (`resumable`: with optimizer state); damaged ones are reported and
+    skipped."""
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, resumable)
             return path
         except CheckpointError as exc:
             log.warning("skipping damaged checkpoint %s: %s", path.name, exc)

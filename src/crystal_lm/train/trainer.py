@@ -31,6 +31,7 @@ from crystal_lm.train.checkpoint import (
     checkpoint_position,
     clean_partial,
     latest_checkpoint,
+    list_checkpoints,
     load_model_weights,
     load_optimizer,
     load_state,
@@ -261,7 +262,13 @@ class Trainer:
         if world.main:
             clean_partial(self.ck_root)
         world.barrier()
-        resume = latest_checkpoint(self.ck_root)
+        resume = latest_checkpoint(self.ck_root, resumable=True)
+        if resume is None and list_checkpoints(self.ck_root):
+            raise RunDirError(
+                f"{run_dir}: none of its checkpoints can be resumed from (each is named above with what is "
+                "wrong); starting from scratch would write over them and cut its logs. Restore one, or move "
+                f"{self.ck_root} away to train this folder again from the start."
+            )
         if resume is not None:
             refuse_changed_data(run_dir, resume, data)
         init_from, recorded_start = initial_checkpoint(run_dir, init_from, resuming=resume is not None)
