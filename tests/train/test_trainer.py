@@ -163,6 +163,31 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_not_trained_over(trained_run
     assert (copy_dir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_second_trainer_on_the_same_run_folder_is_refused(small_recipe, prepared, tmp_path):
+    """Two trainers on one folder (a rerun while the first still ran, or torchrun workers outliving their
+    killed launcher) both trained and wrote checkpoints; one's log lines went to a file the other replaced."""
+    from crystal_lm.train.run_dir import run_dir_lock
+
+    _, data = prepared
+    run = tmp_path / "run"
+    held = pytest.raises(RunDirError, match=rf"another training process \(pid {os.getpid()}\)")
+    with run_dir_lock(run), held:  # as a first trainer holds it
+        train(small_recipe, run, data=data, stop_after_steps=1)
+    assert not (run / "checkpoints").exists()
+    assert train(small_recipe, run, data=data, stop_after_steps=1) == {"stopped_at": 1}  # released
+
+
+def test_a_torchrun_worker_stops_when_its_launcher_is_gone(small_recipe, prepared, tmp_path, monkeypatch):
+    """torchrun starts workers in their own sessions: after a kill -9 of the launcher they trained on alone."""
+    _, data = prepared
+    parents = iter([4242, 4242])  # the launcher, at the start and after step 1; then PID 1 adopts the worker
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(os, "getppid", lambda: next(parents, 1))
+    with pytest.raises(RunDirError, match=r"torchrun launcher \(pid 4242\) is gone; this worker stops after"):
+        train(small_recipe, tmp_path / "run", data=data)
+    assert [m["global_step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 

@@ -4,10 +4,14 @@ eval.jsonl say what each stage reached."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from crystal_lm.config import Recipe
@@ -20,6 +24,43 @@ log = logging.getLogger(__name__)
 
 class RunDirError(RuntimeError):
     pass
+
+
+def _lock_holder(folder: Path) -> str:
+    """The process holding a flock on `folder`, from /proc/locks (Linux), or "unknown"."""
+    inode = folder.stat().st_ino
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == str(inode):
+                return fields[-4]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder while training writes it: a second trainer started on the same
+    folder (a rerun while the first still runs, or torchrun workers left running by a killed launcher) is
+    refused, naming the process that holds it. The lock is on the folder itself (no file is left in it) and
+    the kernel drops it when that process dies."""
+    if not enabled:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{run_dir}: another training process (pid {_lock_holder(run_dir)}) is writing this run; let "
+                "it finish, or stop it and run the command again to resume"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run_started(run_dir: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -61,6 +62,7 @@ from crystal_lm.train.run_dir import (
     initial_checkpoint,
     record_initial_checkpoint,
     refuse_changed_data,
+    run_dir_lock,
     write_summary,
 )
 from crystal_lm.train.schedule import LinearSchedule, schedule_warnings, stage_schedules
@@ -199,7 +201,9 @@ def train(
     """Run (or resume) every stage of `recipe` in `run_dir`. `stop_after_steps` stops early (for tests).
     `init_from` starts a new run from a checkpoint's weights (and its optimizer state, when it has one).
     Under torchrun every process calls this; rank 0 writes the logs and checkpoints."""
-    return Trainer(recipe, Path(run_dir), data=data, init_from=init_from).fit(stop_after_steps)
+    run_dir = Path(run_dir)
+    with run_dir_lock(run_dir, enabled=init_world().main):
+        return Trainer(recipe, run_dir, data=data, init_from=init_from).fit(stop_after_steps)
 
 
 class Trainer:
@@ -218,6 +222,9 @@ class Trainer:
     ) -> None:
         self.recipe, self.run_dir = recipe, run_dir
         self.world = world = init_world()
+        # Under torchrun: the launcher this worker answers to. A worker whose launcher was killed stops
+        # instead of training on alone (torchrun starts workers in their own sessions, so they outlive it).
+        self.launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         t = recipe.train
         try:
             self.micro = process_micro_batch(t.batch_size, t.micro_batch_size, world.world_size)
@@ -414,6 +421,12 @@ class Trainer:
                 self._checkpoint(si)
             if stop_after_steps is not None and state.global_step >= stop_after_steps:
                 return True
+            if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+                raise RunDirError(
+                    f"the torchrun launcher (pid {self.launcher_pid}) is gone; this worker stops after "
+                    f"{stage.name} step {state.step} rather than train on without it. Run the command again "
+                    "to resume."
+                )
             t_ready = time.time()
         return False
 
