@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -231,3 +232,47 @@ def test_fsdp_under_bf16_computes_as_one_process_does(recipe_dict, prepared, tmp
     for a, b in zip(single, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-5)
+
+
+def test_an_early_loss_spike_is_caught(recipe_dict, prepared, tmp_path, monkeypatch):
+    """The guard compared losses only once 5 were in its window: a run diverging from its second step
+    (27 → 35 → 232 → 533) was never flagged, and its checkpoint was called the last good state."""
+    import crystal_lm.train.trainer as trainer
+
+    _, data = prepared
+    recipe = load_recipe(
+        _recipe_file(recipe_dict, prepared, tmp_path, "spike", spike_factor=1.5, max_skipped_in_row=5)
+    )
+    losses = iter([27.0, 35.0, 232.0, 30.0] + [29.0] * 20)
+    real = trainer.compute_gradients
+
+    def scripted(*args):
+        real(*args)
+        return next(losses)
+
+    monkeypatch.setattr(trainer, "compute_gradients", scripted)
+    train(recipe, tmp_path / "run", data=data)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert metrics[2]["skipped"] == "loss spike (232 > 1.5 × recent mean 31)"
+    assert [m["global_step"] for m in metrics if "skipped" in m] == [3]
+
+
+def test_after_divergence_the_advice_names_the_checkpoint_with_the_lowest_validation_loss(
+    recipe_dict, tmp_path
+):
+    from crystal_lm.config import recipe_from_dict
+    from crystal_lm.train.trainer import _diverged_advice
+
+    recipe = recipe_from_dict(recipe_dict)
+    run = tmp_path / "run"
+    for name in ("phase1_checkpoint_000002", "phase1_checkpoint_000004"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    records = [(None, 8.0), ("phase1_checkpoint_000002", 5.0), ("phase1_checkpoint_000004", 9.0)]
+    (run / "eval.jsonl").write_text(
+        "".join(json.dumps({"checkpoint": n, "val_loss": {"text": v, "code": v}}) + "\n" for n, v in records)
+    )
+    advice = _diverged_advice(recipe, run, run / "checkpoints" / "phase1_checkpoint_000004")
+    assert (
+        "(validation loss 9.000; 8.000 before training; lowest 5.000 at phase1_checkpoint_000002)" in advice
+    )
+    assert f"--init-from {run / 'checkpoints' / 'phase1_checkpoint_000002'}." in advice

@@ -1,5 +1,5 @@
 """The stability guard: a step whose loss or gradient norm is not finite, or whose loss spikes far above the
-recent mean, is skipped (the optimizer does not step) and logged; too many in a row stop the run with the
+recent mean (of up to 20 steps, from the third step on), is skipped (the optimizer does not step) and logged; too many in a row stop the run with the
 reason, so a diverged run never writes further checkpoints. Its state is saved with each checkpoint."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class StabilityGuard:
             reason = f"non-finite loss ({loss})"
         elif not math.isfinite(grad_norm):
             reason = f"non-finite gradient norm ({grad_norm})"
-        elif self.spike_factor and len(self.recent) >= 5:
+        elif self.spike_factor and len(self.recent) >= 2:  # from the third step: early divergence counts
             mean = sum(self.recent) / len(self.recent)
             if loss > self.spike_factor * mean:
                 reason = f"loss spike ({loss:.4g} > {self.spike_factor:g} × recent mean {mean:.4g})"

@@ -524,20 +524,42 @@ class Trainer:
         world.barrier()
 
 
-def _diverged_advice(recipe: Recipe, run_dir: Path, last_good: Path | None) -> str:
+def _diverged_advice(recipe: Recipe, run_dir: Path, newest: Path | None) -> str:
     """What to do after the guard stopped a run. Resuming in the same folder with a lower LR is refused (the
-    recipe differs), and `--init-from` starts a new run at its recipe's first stage."""
+    recipe differs), and `--init-from` starts a new run at its recipe's first stage. The newest checkpoint
+    may already have diverged: the advice shows its validation loss next to the best one's."""
     source = recipe.source_file or "RECIPE"
     new_dir = f"{run_dir.name}-lower-lr"
-    if last_good is None:
+    if newest is None:
         return (
             f"No checkpoint was written. Lower lr.peak (or check the data) in {source} and train into a new "
             f"folder: crystal train {source} --out {new_dir}"
         )
-    stage = checkpoint_position(last_good)[0]  # type: ignore[index]
+    domains = sorted({s.domain for s in recipe.data.sources.values()})
+
+    def mean_loss(record: dict) -> float | None:
+        values = [record["val_loss"][d] for d in domains if d in (record.get("val_loss") or {})]
+        return sum(values) / len(values) if values else None
+
+    scored = [(e["checkpoint"], mean_loss(e)) for e in read_jsonl(run_dir / "eval.jsonl")]
+    scored = [(name, loss) for name, loss in scored if loss is not None]
+    losses = dict(scored)
+    start = next((loss for name, loss in scored if name is None), None)
+    best = min(((n, v) for n, v in scored if n is not None), key=lambda nv: nv[1], default=None)
+    chosen = newest
+    said = f"The newest checkpoint is {newest}"
+    if newest.name in losses:
+        said += f" (validation loss {losses[newest.name]:.3f}"
+        said += f"; {start:.3f} before training" if start is not None else ""
+        if best is not None and best[0] != newest.name:
+            said += f"; lowest {best[1]:.3f} at {best[0]}"
+            if losses[newest.name] > best[1] and (newest.parent / best[0]).is_dir():  # not pruned
+                chosen = newest.parent / best[0]
+        said += ")"
+    stage = checkpoint_position(chosen)[0]  # type: ignore[index]
     return (
-        f"The last good state is {last_good}. To go on with a lower lr.peak (or fixed data), start a new run "
-        f"from it: crystal train NEW_RECIPE --out {new_dir} --init-from {last_good}. It starts at its recipe's "
-        f"first stage, so NEW_RECIPE should hold only what is left from stage {stage} on (with that stage's "
-        "tokens reduced by what the checkpoint has trained)."
+        f"{said}. To go on with a lower lr.peak (or fixed data), start a new run from "
+        f"{'the lowest' if chosen != newest else 'it'}: crystal train NEW_RECIPE --out {new_dir} --init-from "
+        f"{chosen}. It starts at its recipe's first stage, so NEW_RECIPE should hold only what is left from "
+        f"stage {stage} on (with that stage's tokens reduced by what the checkpoint has trained)."
     )
