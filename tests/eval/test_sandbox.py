@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,3 +357,18 @@ def test_the_program_does_not_start_once_its_evaluator_is_gone(tmp_path):
     finally:
         for fd in (marker_r, done_r, done_w, alive_r):
             os.close(fd)
+
+
+@needs_isolation
+def test_without_setpriv_programs_are_still_isolated(monkeypatch):
+    """Requiring util-linux's setpriv for the parent-death signal made a machine without it run programs as
+    root with no namespaces, silently."""
+    from crystal_lm.eval import sandbox
+
+    real_which = shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "setpriv" else real_which(name))
+    monkeypatch.setattr(sandbox, "_ISOLATION", None)
+    iso = sandbox.isolation()
+    assert iso.namespaces and iso.unprivileged and iso.death_prefix == ()
+    result = run("import os\nprint(os.getuid())\n", 20)
+    assert result.passed and int(result.stdout.split()[0]) >= sandbox._UID_BASE

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import shutil
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+log = logging.getLogger(__name__)
 Status = Literal["passed", "failed", "timeout", "killed"]
 
 # Runs first in the child, as trusted code: limits, privilege drop, then the program, then the marker.
@@ -86,8 +88,8 @@ def _setup():
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     # Die with the parent (unshare, which dies with the evaluator): setuid cleared that signal, so set it again,
     # then see that the evaluator did not go before it was set (its end of the `alive` pipe is then closed).
-    if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG, SIGKILL
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if sys.platform.startswith("linux") and ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG, SIGKILL)")
     os.set_blocking(alive, False)
     try:
         evaluator_gone = os.read(alive, 1) == b""
@@ -161,24 +163,34 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _unshare_works(*args: str) -> bool:
+def _runs(cmd: list[str]) -> bool:
     try:
-        probe = subprocess.run([*_DIES_WITH_EVALUATOR, "unshare", *args], capture_output=True, timeout=30)
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return probe.returncode == 0
 
 
-def _namespaces_available() -> bool:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+def _death_prefix() -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL` where util-linux has it (then `unshare` dies with the evaluating thread);
+    else nothing, and a program may outlive an evaluator killed with SIGKILL."""
+    if shutil.which("setpriv") is not None and _runs([*_DIES_WITH_EVALUATOR, "true"]):
+        return _DIES_WITH_EVALUATOR
+    return ()
+
+
+def _unshare_works(prefix: tuple[str, ...], *args: str) -> bool:
+    return _runs([*prefix, "unshare", *args])
+
+
+def _namespaces_available(prefix: tuple[str, ...]) -> bool:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
-        return False
-    return _unshare_works("--net", "--pid", "--fork", "--kill-child", "true")
+    return _unshare_works(prefix, "--net", "--pid", "--fork", "--kill-child", "true")
 
 
-def _private_tmp_available() -> bool:
+def _private_tmp_available(prefix: tuple[str, ...]) -> bool:
     return _unshare_works(
+        prefix,
         "--mount", "--propagation", "private", "--net", "--pid", "--fork", "--kill-child",
         "/bin/sh", "-c", "mount -t tmpfs -o size=1m tmpfs /tmp",
     )  # fmt: skip
@@ -217,6 +229,7 @@ class Isolation:
     python: str  # interpreter that runs the programs
     unprivileged: bool  # programs run as their own pool uid
     private_tmp: bool = False  # own mount namespace with fresh /tmp, /var/tmp, /dev/shm
+    death_prefix: tuple[str, ...] = ()  # runs `unshare` so that it dies with the evaluator (setpriv)
 
 
 _ISOLATION: Isolation | None = None
@@ -226,10 +239,21 @@ def isolation() -> Isolation:
     """What this machine allows: namespaces and a pool uid (Linux as root), else rlimits and a process group."""
     global _ISOLATION
     if _ISOLATION is None:
-        namespaces = _namespaces_available()
+        prefix = _death_prefix() if sys.platform.startswith("linux") else ()
+        namespaces = _namespaces_available(prefix)
         python = _python_for_sandbox_uid() if namespaces else None
-        private_tmp = python is not None and _private_tmp_available()
-        _ISOLATION = Isolation(namespaces, python or sys.executable, python is not None, private_tmp)
+        private_tmp = python is not None and _private_tmp_available(prefix)
+        _ISOLATION = Isolation(namespaces, python or sys.executable, python is not None, private_tmp, prefix)
+        if namespaces and not prefix:
+            log.warning(
+                "sandbox: util-linux `setpriv --pdeathsig` is not available; programs run isolated, but one "
+                "may outlive an evaluator killed with SIGKILL (install util-linux's setpriv)"
+            )
+        elif not namespaces and hasattr(os, "geteuid") and os.geteuid() == 0:
+            log.warning(
+                "sandbox: running as root without `unshare` namespaces: programs run as root with only "
+                "rlimits around them (install util-linux)"
+            )
     return _ISOLATION
 
 
@@ -416,7 +440,7 @@ def _run(source: str, timeout_s: float, limits: Limits, iso: Isolation, uid: int
                 cmd = ["/bin/sh", "-c", _PRIVATE_TMP, "sh", str(uid), str(tmpfs_mb), *cmd]
                 cmd = ["unshare", "--mount", "--propagation", "private", *cmd]
                 home, tmp = "/tmp/sandbox", "/tmp"
-            cmd = [*_DIES_WITH_EVALUATOR, "unshare", "--net", "--pid", "--fork", "--kill-child", *cmd]
+            cmd = [*iso.death_prefix, "unshare", "--net", "--pid", "--fork", "--kill-child", *cmd]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": tmp}
         start = time.monotonic()
         try:
