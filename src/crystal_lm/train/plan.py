@@ -115,7 +115,8 @@ def plan(
     loss_bytes = 2 * 1024 * m.vocab_size * 4 + 4 * m.vocab_size * m.d_model
     flops_step = flops_per_token(n_params, m.n_layers, m.n_heads, m.head_dim, T) * B * T
     bf16 = recipe.train.precision == "bf16"
-    head_params = m.vocab_size * m.d_model  # the embedding, which is also the head
+    head_params = m.vocab_size * m.d_model  # the head (the embedding too, when tied)
+    root_params = n_params - m.n_layers * block_params  # embedding, final norm, an untied head
     out = []
     # One GPU trains unsharded whatever train.parallel says (parallelize leaves a single process alone).
     for sharded in (False, True) if gpus > 1 else (False,):
@@ -128,8 +129,8 @@ def plan(
                 held, grads = held + grads, 0
             if sharded:
                 # The block computing and the next (prefetched), gathered in bf16 (fp32 without autocast);
-                # the root's fp32 embedding (= head) stays gathered through forward.
-                held += 2 * (2 if bf16 else 4) * block_params + 4 * head_params
+                # the root's fp32 weights (embedding, head) stay gathered through forward.
+                held += 2 * (2 if bf16 else 4) * block_params + 4 * root_params
             # Autocast's bf16 weight copies, kept for backward: all of them unsharded; under checkpointing
             # only the block being rebuilt keeps its own; under FSDP2 the blocks' weights are bf16 already.
             # The head's copy is made outside the blocks in every layout.

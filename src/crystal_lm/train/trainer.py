@@ -86,17 +86,33 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> dict[str, float]
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
+def training_autocast(precision: str, device: str, activation_checkpointing: bool = False) -> torch.autocast:
+    """bf16 autocast for a training forward (off in fp32). Under activation checkpointing its cast cache is off:
+    the cache keeps every weight's bf16 copy to the end of the forward, which is the memory checkpointing is
+    there to free (only the head, used per loss chunk, is then cast more than once)."""
+    return torch.autocast(
+        device.split(":")[0],
+        dtype=torch.bfloat16,
+        enabled=precision == "bf16",
+        cache_enabled=not activation_checkpointing,
+    )
+
+
 def compute_gradients(
-    train_model: torch.nn.Module, batch: Batch, micro_batch: int, precision: str, device: str = "cpu"
+    train_model: torch.nn.Module,
+    batch: Batch,
+    micro_batch: int,
+    precision: str,
+    device: str = "cpu",
+    activation_checkpointing: bool = False,
 ) -> float:
     """Forward and backward over `batch` in micro-batches (gradients accumulate); returns the mean loss."""
     n_micro = max(1, batch.input_ids.shape[0] // micro_batch)
-    device_type = device.split(":")[0]
     total = 0.0
     for c in range(n_micro):
         rows = slice(c * micro_batch, (c + 1) * micro_batch)
         ids, labels, mask = (t[rows].to(device) for t in (batch.input_ids, batch.labels, batch.loss_mask))
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with training_autocast(precision, device, activation_checkpointing):
             loss = train_model(ids, labels=labels, loss_mask=mask)
         (loss / n_micro).backward()
         total += loss.item() / n_micro
@@ -437,7 +453,14 @@ class Trainer:
         assert optimizer is not None
         optimizer.zero_grad(set_to_none=True)
         loss = self.world.mean(
-            compute_gradients(self.train_model, batch, self.micro, t.precision, self.world.device)
+            compute_gradients(
+                self.train_model,
+                batch,
+                self.micro,
+                t.precision,
+                self.world.device,
+                t.activation_checkpointing,
+            )
         )
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optimizer.grad_clip)
