@@ -180,10 +180,13 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(small_recipe, prepar
 def test_a_torchrun_worker_stops_when_its_launcher_is_gone(small_recipe, prepared, tmp_path, monkeypatch):
     """torchrun starts workers in their own sessions: after a kill -9 of the launcher they trained on alone."""
     _, data = prepared
-    parents = iter([4242, 4242])  # the launcher, at the start and after step 1; then PID 1 adopts the worker
+    from crystal_lm.train import trainer
+
+    # The launcher at the start and at steps 1 and 2; then PID 1 adopts the worker.
+    parents = iter([4242, 4242, 4242])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-    monkeypatch.setattr(os, "getppid", lambda: next(parents, 1))
-    with pytest.raises(RunDirError, match=r"torchrun launcher \(pid 4242\) is gone; this worker stops after"):
+    monkeypatch.setattr(trainer, "parent_pid", lambda: next(parents, 1))
+    with pytest.raises(RunDirError, match=r"torchrun launcher \(pid 4242\) is gone; the workers stop at"):
         train(small_recipe, tmp_path / "run", data=data)
     assert [m["global_step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 

@@ -58,11 +58,16 @@ class World:
 
     def mean(self, value: float) -> float:
         """The mean of a number over all processes (for logging a loss)."""
+        return self.mean_and_any(value, False)[0]
+
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """The mean of a number over all processes, and whether any process raised `flag`: one all-reduce,
+        so every process decides the same at the same step."""
         if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return value, flag
+        t = torch.tensor([value, float(flag)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / self.world_size
+        return float(t[0]) / self.world_size, bool(t[1] > 0)
 
 
 def init_world() -> World:

@@ -86,6 +86,10 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> dict[str, float]
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
+def parent_pid() -> int:
+    return os.getppid()
+
+
 def training_autocast(precision: str, device: str, activation_checkpointing: bool = False) -> torch.autocast:
     """bf16 autocast for a training forward (off in fp32). Under activation checkpointing its cast cache is off:
     the cache keeps every weight's bf16 copy to the end of the forward, which is the memory checkpointing is
@@ -240,7 +244,7 @@ class Trainer:
         self.world = world = init_world()
         # Under torchrun: the launcher this worker answers to. A worker whose launcher was killed stops
         # instead of training on alone (torchrun starts workers in their own sessions, so they outlive it).
-        self.launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.launcher_pid = parent_pid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         t = recipe.train
         try:
             self.micro = process_micro_batch(t.batch_size, t.micro_batch_size, world.world_size)
@@ -437,12 +441,6 @@ class Trainer:
                 self._checkpoint(si)
             if stop_after_steps is not None and state.global_step >= stop_after_steps:
                 return True
-            if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
-                raise RunDirError(
-                    f"the torchrun launcher (pid {self.launcher_pid}) is gone; this worker stops after "
-                    f"{stage.name} step {state.step} rather than train on without it. Run the command again "
-                    "to resume."
-                )
             t_ready = time.time()
         return False
 
@@ -452,16 +450,17 @@ class Trainer:
         optimizer, t = self.optimizer, self.recipe.train
         assert optimizer is not None
         optimizer.zero_grad(set_to_none=True)
-        loss = self.world.mean(
-            compute_gradients(
-                self.train_model,
-                batch,
-                self.micro,
-                t.precision,
-                self.world.device,
-                t.activation_checkpointing,
-            )
+        loss = compute_gradients(
+            self.train_model, batch, self.micro, t.precision, self.world.device, t.activation_checkpointing
         )
+        # Every process learns in the same all-reduce whether any lost its launcher, and all stop together.
+        launcher_gone = self.launcher_pid is not None and parent_pid() != self.launcher_pid
+        loss, launcher_gone = self.world.mean_and_any(loss, launcher_gone)
+        if launcher_gone:
+            raise RunDirError(
+                f"the torchrun launcher (pid {self.launcher_pid}) is gone; the workers stop at {where} "
+                "rather than train on without it. Run the command again to resume."
+            )
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optimizer.grad_clip)
         )
