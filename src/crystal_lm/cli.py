@@ -902,6 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    from crystal_lm.data.corpus import CorpusError
     from crystal_lm.data.documents import DataError
     from crystal_lm.data.shards import ShardError
     from crystal_lm.data.tokenizer import TokenizerError
@@ -917,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         RecipeError,
         DataError,
+        CorpusError,
         ShardError,
         TokenizerError,
         CheckpointError,

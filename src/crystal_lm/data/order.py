@@ -122,15 +122,15 @@ def _draw(mixture: Mixture, index: int) -> tuple[str, int, int]:
 def order_records(recipe: Recipe, data: PreparedData, stage_index: int, start: int, count: int) -> list[dict]:
     """Order records of global samples [start, start + count) of a stage.
 
-        Each record: index, step, stage (numbered from 1, as `--stage` and checkpoint names), source, sample
-        (window index in the source's train shards), epoch, documents (id and [start, end) token offsets inside
-        `<s> doc </s>` of every document in the window), fim (whether the sample goes through the stage's FIM),
-    fim_rate (the probability with which each of its documents is then rearranged: which ones were is drawn per
-    sample, and `data sample` reports how many, `fim_segments`) and
-        document_fim (whether the source's documents were FIM'd one by one before packing, `document_fim`; the
-        offsets then count the FIM'd documents' tokens). The window is the one the sample was built from:
-        seq_len + 1 tokens (inputs and the shifted label), or its real tokens for the padded last window; under
-        FIM only the first seq_len tokens are rearranged into the sample (the last label is EOS).
+    Each record: index, step, stage (numbered from 1, as `--stage` and checkpoint names), source, sample
+    (window index in the source's train shards), epoch, documents (id and [start, end) token offsets inside
+    `<s> doc </s>` of every document in the window), fim (whether the sample goes through the stage's FIM),
+    fim_rate (the probability with which each of its documents is then rearranged: which ones are is drawn
+    per sample, and `data sample` reports how many, `fim_segments`) and document_fim (whether the source's
+    documents were FIM'd one by one before packing; the offsets then count the FIM'd documents' tokens). The
+    window is the one the sample was built from: seq_len + 1 tokens (inputs and the shifted label), or its
+    real tokens for the padded last window; under FIM only the first seq_len tokens are rearranged into the
+    sample (the last label is EOS).
     """
     _stage(recipe, stage_index)
     _check_range(recipe, stage_index, start, count)

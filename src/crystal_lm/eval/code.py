@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from crystal_lm.eval import sandbox
+from crystal_lm.text import first_few
 
 BENCHMARKS = ("humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi")
 # Crystal's sampling settings (crystal-spec §6.1): HumanEval T=0.2 n=20, MBPP T=0.1 n=16.
@@ -233,7 +234,7 @@ def first_problems(
     submitted = {task_id for task_id, _ in completions}
     missing = [task_id for task_id in wanted if task_id not in submitted]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = first_few(missing)
         scope = f"the first {len(wanted)}" if limit else f"the {len(wanted)}"
         hint = ""
         if not limit:

@@ -25,6 +25,7 @@ from typing import Any
 from crystal_lm.eval.code import BENCHMARKS, BenchmarkError, load_benchmark
 from crystal_lm.eval.generate import check_target
 from crystal_lm.eval.language import CRYSTAL_SHOTS, evaluate_language
+from crystal_lm.text import first_few
 from crystal_lm.train.checkpoint import list_checkpoints, load_state, verify_checkpoint
 from crystal_lm.train.metrics import JsonlLog, read_jsonl
 
@@ -119,7 +120,7 @@ def _no_position(ckpt: Path, imported: dict | None, state, recipe) -> str | None
             "shows whether that was only keys added since"
         )
     else:
-        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        shown = first_few(differ)
         why = f"its run's recipe ({ckpt.parent.parent / 'recipe.json'}) differs in {shown}"
     return (
         f"checkpoint of another recipe ({why}): it has no position in this recipe's data order, so no sample "

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from crystal_lm.config import ModelConfig, MupConfig
 from crystal_lm.data.tokenizer import Tokenizer
 from crystal_lm.model import build_model
+from crystal_lm.text import first_few
 from crystal_lm.train.checkpoint import TrainState, load_tensors, save_checkpoint
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -373,7 +374,7 @@ def check_import_source(hf_dir: Path) -> None:
         )
     inside = sorted(p.name for p in hf_dir.iterdir() if p.is_dir() and looks_like_hf_folder(p))
     if inside:
-        shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
+        shown = first_few(inside, 8)
         raise InteropError(
             f"{hf_dir}: no config.json here, but it holds {len(inside)} LLM360-layout checkpoint folder(s): "
             f"{shown}; import each one, e.g. `crystal import {hf_dir / inside[0]} --out OUT`"

@@ -23,6 +23,7 @@ looks like a release.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -138,8 +139,6 @@ def build_release(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ReleaseError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     recipe, record = run_recipe(run_dir)
-    if cache_dir:
-        recipe.data.cache_dir = cache_dir
 
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
@@ -186,7 +185,12 @@ def build_release(
         if (run_dir / "init_from.json").is_file():  # the checkpoint training started from (--init-from)
             shutil.copyfile(run_dir / "init_from.json", tmp / "init_from.json")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        data = prepare_data(recipe)
+        # The releaser's cache is local: it must not reach the published recipe.yaml.
+        data = prepare_data(
+            dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, cache_dir=cache_dir))
+            if cache_dir
+            else recipe
+        )
         (tmp / "data").mkdir()
         manifest = json.loads((run_dir / "data_manifest.json").read_text())
         changed = manifest_differences(manifest, data.manifest())

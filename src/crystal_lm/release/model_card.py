@@ -62,7 +62,7 @@ def _tokenizer_words(release: Path, recipe: Recipe) -> str:
     return origin + (", Crystal's special-token layout incl. FIM" if tokenizer.has_fim else ", no FIM tokens")
 
 
-def _mixture_words(recipe: Recipe, stage: StageConfig) -> str:
+def _mixture_words(stage: StageConfig) -> str:
     """The stage's normalised weights, with the part of a source it reads (`subsets`)."""
     total = sum(stage.mixture.values())
     words = []
@@ -164,7 +164,7 @@ def model_card(release: Path, recipe: Recipe, license: str = "apache-2.0") -> st
             sched = f"{lr.warmup_steps} → {lr.peak:g} → {lr.end or 0:g}"
         opt = "fresh" if i == 0 or stage.reset_optimizer else "carried over"
         lines.append(
-            f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {_mixture_words(recipe, stage)} | "
+            f"| {stage.name} | {s['steps']:,} | {s['tokens']:,} | {_mixture_words(stage)} | "
             f"{_fim_words(recipe, stage)} | {sched} | {opt} |"
         )
     lines += ["", f"Batch {recipe.train.batch_size} × {recipe.data.seq_len} tokens; seed {recipe.seed}.", ""]

@@ -66,8 +66,10 @@ def _check_checkpoint(folder: Path) -> str:
 
 
 def _check_data_order(release: Path, cache_dir: str | None) -> dict[str, str]:
+    from crystal_lm.data.corpus import CorpusError
     from crystal_lm.data.order import order_fingerprint
     from crystal_lm.data.prepare import manifest_differences, prepare_data
+    from crystal_lm.data.shards import ShardError
 
     needed = ("recipe.json", "data/order.json", "data/manifest.json")
     absent = [rel for rel in needed if not (release / rel).is_file()]
@@ -83,7 +85,12 @@ def _check_data_order(release: Path, cache_dir: str | None) -> dict[str, str]:
         recipe.data.cache_dir = cache_dir
     try:
         data = prepare_data(recipe)  # from the cache, or rebuilt from the pinned sources
-    except (ValueError, OSError) as exc:  # a recipe or data error, e.g. a user source not on this machine
+    except (
+        ValueError,
+        OSError,
+        CorpusError,
+        ShardError,
+    ) as exc:  # e.g. a source not on this machine, offline
         return {"all": f"cannot be recomputed here: {exc} (--skip-data checks the rest alone)"}
     changed = manifest_differences(published, data.manifest())
     if changed:

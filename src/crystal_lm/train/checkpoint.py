@@ -145,8 +145,13 @@ def verify_checkpoint(directory: Path, resumable: bool = False) -> None:
             raise CheckpointError(f"{p}: missing")
         if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
-    if resumable and "optimizer/.metadata" not in sums and load_optimizer(directory).get("optimizer") is None:
-        raise CheckpointError(f"{directory}: no optimizer state (resuming from it would restart AdamW)")
+    if resumable and "optimizer/.metadata" not in sums:  # older checkpoints: the state inside optimizer.pt
+        try:  # memory-mapped: only the keys are looked at
+            saved = torch.load(directory / "optimizer.pt", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises several kinds for a damaged file
+            raise CheckpointError(f"{directory}/optimizer.pt: unreadable ({exc})") from None
+        if saved.get("optimizer") is None:
+            raise CheckpointError(f"{directory}: no optimizer state (resuming from it would restart AdamW)")
 
 
 def checkpoint_position(path: Path) -> tuple[int, int] | None:

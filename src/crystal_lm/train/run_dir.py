@@ -16,6 +16,7 @@ from pathlib import Path
 
 from crystal_lm.config import Recipe
 from crystal_lm.data.prepare import PreparedData, manifest_differences
+from crystal_lm.text import first_few
 from crystal_lm.train.checkpoint import TrainState, list_checkpoints
 from crystal_lm.train.metrics import read_jsonl, write_text_atomic
 
@@ -27,14 +28,22 @@ class RunDirError(RuntimeError):
 
 
 def _lock_holder(folder: Path) -> str:
-    """The process holding a flock on `folder`, from /proc/locks (Linux), or "unknown"."""
-    inode = folder.stat().st_ino
+    """The process holding a flock on `folder`, from /proc/locks (Linux: `MAJ:MIN:INODE` in hex:hex:decimal),
+    or "unknown"."""
+    st = folder.stat()
     try:
         for line in Path("/proc/locks").read_text().splitlines():
             fields = line.split()
-            if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == str(inode):
+            if "FLOCK" not in fields:
+                continue
+            major, minor, inode = fields[-3].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == (
+                os.major(st.st_dev),
+                os.minor(st.st_dev),
+                st.st_ino,
+            ):
                 return fields[-4]
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         pass
     return "unknown"
 
@@ -43,8 +52,9 @@ def _lock_holder(folder: Path) -> str:
 def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on the run folder while training writes it: a second trainer started on the same
     folder (a rerun while the first still runs, or torchrun workers left running by a killed launcher) is
-    refused, naming the process that holds it. The lock is on the folder itself (no file is left in it) and
-    the kernel drops it when that process dies."""
+    refused, naming the process that holds it. The lock is on the folder itself (no file is left in it), the
+    kernel drops it when that process dies, and it holds between processes of one machine (on NFS, not across
+    machines sharing the folder)."""
     if not enabled:
         yield
         return
@@ -58,6 +68,10 @@ def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
                 f"{run_dir}: another training process (pid {_lock_holder(run_dir)}) is writing this run; let "
                 "it finish, or stop it and run the command again to resume"
             ) from None
+        except OSError as exc:  # a file system without flock: train, unguarded, as before the lock existed
+            log.warning(
+                "%s: cannot lock the run folder (%s); nothing stops a second trainer on it", run_dir, exc
+            )
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -92,7 +106,7 @@ def claim_run_dir(recipe: Recipe, run_dir: Path) -> None:
             differ = recipe.differences(old.get("recipe", {}))
             if not differ:
                 return
-            shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
+            shown = first_few(differ, sep="; ")
             raise RunDirError(
                 f"{run_dir} holds a run of another recipe ({old.get('name')}, recorded in {record}): "
                 f"{shown} differ. Restore those values to resume it, or use a new --out folder."
