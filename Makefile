@@ -35,7 +35,7 @@ test: $(DEV_STAMP)
 
 # End-to-end runs of several minutes (the whole demo recipe with its learning checks).
 test-slow: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -22,22 +22,34 @@ def test_benchmark_sizes():
     )
 
 
-@pytest.mark.parametrize("name", ["humaneval", "mbpp", "humaneval-infill-single", "humaneval-infill-multi"])
-def test_canonical_solutions_all_pass(name):
-    tasks = load_benchmark(name)
+@pytest.mark.parametrize(
+    ("name", "every"),
+    [("humaneval", 1), ("mbpp", 2), ("humaneval-infill-single", 4), ("humaneval-infill-multi", 4)],
+)
+def test_canonical_solutions_pass(name, every):
+    """Every HumanEval task, every 2nd of MBPP's 500 (their tests share one form) and every 4th infilling task
+    (each is a HumanEval problem with a span cut out: all of them are checked to reassemble to it, below and in
+    test_infilling_tasks_reassemble_their_problem) run their canonical solution in the sandbox and pass."""
+    tasks = load_benchmark(name)[::every]
     result = score(name, [(t.task_id, t.canonical) for t in tasks])
     failing = {k: v["results"] for k, v in result["per_task"].items() if not v["correct"]}
     assert result["pass@1"] == 1.0, list(failing.items())[:3]
     assert result["tasks"] == len(tasks)
 
 
+@pytest.mark.parametrize("name", ["humaneval-infill-single", "humaneval-infill-multi"])
+def test_infilling_tasks_reassemble_their_problem(name):
+    problems = {t.task_id: t.prompt + t.canonical for t in load_benchmark("humaneval")}
+    for t in load_benchmark(name):
+        problem = "HumanEval/" + t.task_id.split("/")[1]
+        assert t.prompt + t.canonical + t.suffix == problems[problem], t.task_id
+
+
 @pytest.mark.parametrize("name", ["humaneval", "mbpp"])
 def test_wrong_completions_score_zero(name):
-    """Every task's tests reject a wrong program (all of HumanEval; every 4th of MBPP's 500, whose tests all
-    share one form: the canonical solutions above run all 500)."""
-    tasks = load_benchmark(name)
-    if name == "mbpp":
-        tasks = tasks[::4]
+    """A task's tests reject a wrong program (every 2nd of HumanEval; every 4th of MBPP's 500, whose tests all
+    share one form)."""
+    tasks = load_benchmark(name)[:: 4 if name == "mbpp" else 2]
     wrong = (
         "    assert False, 'deliberately wrong'\n" if name == "humaneval" else "def unrelated():\n    pass\n"
     )

@@ -1,7 +1,7 @@
 """Our model inside EleutherAI's lm-evaluation-harness, registered as model `crystal` on import.
 
     import crystal_lm.eval.harness, lm_eval
-    lm_eval.simple_evaluate(model="crystal", model_args="checkpoint=RUN_DIR/checkpoints/phase2_checkpoint_000200",
+    lm_eval.simple_evaluate(model="crystal", model_args="checkpoint=RUN_DIR/checkpoints/phase2_checkpoint_000150",
                             tasks=[...])
 
 It follows lm-eval's own rules for causal models, so scores match its `hf` backend on an exported checkpoint:
