@@ -54,7 +54,7 @@ from crystal_lm.train.parallel import (
     process_micro_batch,
     save_optimizer_sharded,
 )
-from crystal_lm.train.retention import is_permanent, prune_checkpoints
+from crystal_lm.train.retention import prune_checkpoints
 from crystal_lm.train.run_dir import (
     RunDirError,
     claim_run_dir,
@@ -68,7 +68,7 @@ from crystal_lm.train.run_dir import (
 from crystal_lm.train.schedule import LinearSchedule, schedule_warnings, stage_schedules
 from crystal_lm.train.stability import StabilityGuard, TrainingDiverged
 
-__all__ = ["RunDirError", "Trainer", "is_permanent", "prune_checkpoints", "train"]
+__all__ = ["RunDirError", "Trainer", "train"]
 
 log = logging.getLogger(__name__)
 
